@@ -1,0 +1,36 @@
+"""Adversarial attacks composed from small parts: a loss, a start, a step rule and a projection."""
+
+from arat_tf.attacks.forward import BN_MODES, make_forward
+from arat_tf.attacks.iterative import AttackConfig, fgsm, iterative_attack, pgd_l2, pgd_linf, trades_attack
+from arat_tf.attacks.losses import ATTACK_LOSSES, cross_entropy, cw_margin, kl_divergence
+from arat_tf.attacks.parts import (
+    gaussian_start,
+    l2_normalized_step,
+    project_l2,
+    project_linf,
+    sign_step,
+    uniform_start,
+    zero_start,
+)
+
+__all__ = [
+    "ATTACK_LOSSES",
+    "AttackConfig",
+    "BN_MODES",
+    "cross_entropy",
+    "cw_margin",
+    "fgsm",
+    "gaussian_start",
+    "iterative_attack",
+    "kl_divergence",
+    "l2_normalized_step",
+    "make_forward",
+    "pgd_l2",
+    "pgd_linf",
+    "project_l2",
+    "project_linf",
+    "sign_step",
+    "trades_attack",
+    "uniform_start",
+    "zero_start",
+]

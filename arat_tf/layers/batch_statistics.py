@@ -1,0 +1,83 @@
+"""Batch moments and moving-average updates shared by the branch-aware normalisation layers.
+
+Both `SplitBatchNormalization` and `CrossBatchNormalization` normalise with batch statistics in
+training and moving statistics in inference, exactly like PyTorch's `BatchNorm2d` (the ARAT and Dual-BN
+authors' framework): the moving variance is updated with the *unbiased* batch variance
+(n / (n - 1) correction) while the batch itself is normalised with the biased one.
+"""
+
+import tensorflow as tf
+
+BRANCHES = ("clean", "adv")
+MIXED = "mixed"
+CALL_BRANCHES = BRANCHES + (MIXED,)
+
+
+def check_branch(branch):
+    """Raises a ValueError naming `branch` unless it is "clean", "adv" or "mixed"."""
+    if branch not in CALL_BRANCHES:
+        raise ValueError(
+            f"branch must be one of {CALL_BRANCHES}, received branch={branch!r}."
+        )
+
+
+def split_mixed_batch(inputs):
+    """Splits a mixed batch `[adv; clean]` into its two equal halves.
+
+    A "mixed" call carries the adversarial examples first and their clean counterparts second,
+    so that normalisation variants that pool statistics over both (shared statistics, cross
+    normalisation) see the whole concatenated batch, as in the Dual-BN paper's hybrid AT.
+    """
+    half = tf.shape(inputs)[0] // 2
+    return inputs[:half], inputs[half:]
+
+
+def batch_moments(inputs, synchronized=False):
+    """Mean, biased variance and element count per channel of a channels-last batch.
+
+    With `synchronized=True` inside a `tf.distribute` replica context with more than one replica,
+    the sums are all-reduced so every replica normalises with the statistics of the global batch.
+
+    Args:
+        inputs: float tensor `[batch, ..., channels]`.
+        synchronized: whether to reduce the statistics across replicas.
+
+    Returns:
+        `(mean, variance, count)`: two `[channels]` tensors and a float scalar.
+    """
+    axes = list(range(len(inputs.shape) - 1))
+    count = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], inputs.dtype)
+    context = tf.distribute.get_replica_context()
+    if synchronized and context is not None and context.num_replicas_in_sync > 1:
+        local_sum = tf.reduce_sum(inputs, axis=axes)
+        local_square_sum = tf.reduce_sum(tf.square(inputs), axis=axes)
+        total_sum, total_square_sum, count = context.all_reduce(
+            tf.distribute.ReduceOp.SUM, [local_sum, local_square_sum, count]
+        )
+        mean = total_sum / count
+        variance = tf.maximum(total_square_sum / count - tf.square(mean), 0.0)
+        return mean, variance, count
+    mean, variance = tf.nn.moments(inputs, axes=axes)
+    return mean, variance, count
+
+
+def update_moving_statistics(moving_mean, moving_variance, mean, variance, count, momentum):
+    """Exponential moving average update, PyTorch-style (unbiased variance).
+
+    Args:
+        moving_mean: variable `[channels]`.
+        moving_variance: variable `[channels]`.
+        mean: batch mean `[channels]`.
+        variance: biased batch variance `[channels]`.
+        count: number of elements per channel that produced the moments.
+        momentum: Keras convention: `new = momentum * old + (1 - momentum) * batch`
+            (PyTorch's momentum 0.1 is Keras' 0.9).
+    """
+    unbiased_variance = variance * count / tf.maximum(count - 1.0, 1.0)
+    moving_mean.assign(moving_mean * momentum + mean * (1.0 - momentum))
+    moving_variance.assign(moving_variance * momentum + unbiased_variance * (1.0 - momentum))
+
+
+def normalize(inputs, mean, variance, gamma, beta, epsilon):
+    """`gamma * (inputs - mean) / sqrt(variance + epsilon) + beta`."""
+    return tf.nn.batch_normalization(inputs, mean, variance, beta, gamma, epsilon)

@@ -1,0 +1,146 @@
+"""ResNet for CIFAR (3x3 stem, no max-pool) with split BN and a width multiplier."""
+
+import keras
+import tensorflow as tf
+
+from arat_tf.layers import make_normalization
+from arat_tf.models.branched_classifier import (
+    TORCH_DEFAULT_KERNEL_INIT,
+    BranchedClassifier,
+    pooled_tap,
+)
+
+RESNET_STAGE_BLOCKS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+
+
+def conv(filters, kernel_size, strides, name):
+    """A bias-free 'same' convolution with PyTorch's default initialisation."""
+    return keras.layers.Conv2D(
+        filters, kernel_size, strides=strides, padding="same", use_bias=False,
+        kernel_initializer=TORCH_DEFAULT_KERNEL_INIT, name=name,
+    )
+
+
+def scaled_width(base, width):
+    """Channels of a layer whose full-width count is `base`, under a width multiplier."""
+    return max(1, int(round(base * width)))
+
+
+@keras.saving.register_keras_serializable(package="arat_tf")
+class BasicBlock(keras.layers.Layer):
+    """conv-BN-ReLU-conv-BN + shortcut, ReLU: the block of the CIFAR ResNet-18 (Kuang Liu's layout).
+
+    Returns `(output, (bn1, bn2))` where bn1/bn2 are the two BN outputs, bn2 taken before the
+    residual add: ARAT's taps on the last stage.
+    """
+
+    def __init__(self, filters, strides=1, bn_mode="dual", synchronized_bn=False, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        self.strides = int(strides)
+        self.bn_mode = bn_mode
+        self.synchronized_bn = bool(synchronized_bn)
+        self.conv1 = conv(filters, 3, strides, "conv1")
+        self.bn1 = make_normalization(bn_mode, synchronized=synchronized_bn, name="bn1")
+        self.conv2 = conv(filters, 3, 1, "conv2")
+        self.bn2 = make_normalization(bn_mode, synchronized=synchronized_bn, name="bn2")
+        self.shortcut_conv = None
+
+    def build(self, input_shape):
+        if self.strides != 1 or input_shape[-1] != self.filters:
+            self.shortcut_conv = conv(self.filters, 1, self.strides, "shortcut_conv")
+            self.shortcut_bn = make_normalization(
+                self.bn_mode, synchronized=self.synchronized_bn, name="shortcut_bn"
+            )
+
+    def call(self, inputs, training=None, branch="adv"):
+        bn1 = self.bn1(self.conv1(inputs), training=training, branch=branch)
+        bn2 = self.bn2(self.conv2(tf.nn.relu(bn1)), training=training, branch=branch)
+        shortcut = inputs
+        if self.shortcut_conv is not None:
+            shortcut = self.shortcut_bn(self.shortcut_conv(inputs), training=training, branch=branch)
+        return tf.nn.relu(bn2 + shortcut), (bn1, bn2)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            filters=self.filters, strides=self.strides, bn_mode=self.bn_mode,
+            synchronized_bn=self.synchronized_bn,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="arat_tf")
+class ResNet(BranchedClassifier):
+    """CIFAR ResNet (BasicBlocks, 3x3 stem, no max-pool): ResNet-18 by default.
+
+    ARAT's taps for ResNet-18 are the four BN outputs of the last stage (block4.0.bn1, block4.0.bn2,
+    block4.1.bn1, block4.1.bn2), each pooled after a ReLU. `width` scales every stage's channels
+    (1.0 = 64-128-256-512; 0.25 fits this project's CPU machine) and `depth` picks 10/18/34.
+
+    Args:
+        num_classes: number of classes.
+        image_shape: `(H, W, C)` of the inputs.
+        depth: 10, 18 or 34.
+        width: channel multiplier (> 0).
+        bn_mode: normalisation variant at every BN site.
+        synchronized_bn: synchronise BN statistics across replicas.
+        **kwargs: base `keras.Model` arguments.
+
+    Example:
+
+    >>> model = ResNet(num_classes=10, image_shape=(32, 32, 3), width=0.25)
+    >>> logits, taps = model(keras.ops.zeros((2, 32, 32, 3)), branch="clean", return_taps=True)
+    >>> list(taps)
+    ['block4.0.bn1', 'block4.0.bn2', 'block4.1.bn1', 'block4.1.bn2']
+    """
+
+    def __init__(self, num_classes=10, image_shape=(32, 32, 3), depth=18, width=1.0, **kwargs):
+        super().__init__(num_classes, image_shape, **kwargs)
+        if depth not in RESNET_STAGE_BLOCKS:
+            raise ValueError(f"depth must be one of {sorted(RESNET_STAGE_BLOCKS)}, received depth={depth}.")
+        if not width > 0:
+            raise ValueError(f"width must be > 0, received width={width}.")
+        self.depth = int(depth)
+        self.width = float(width)
+        self.stem_conv = conv(scaled_width(64, width), 3, 1, "stem_conv")
+        self.stem_bn = self.norm("stem_bn")
+        self.blocks = []
+        for stage, num_blocks in enumerate(RESNET_STAGE_BLOCKS[depth], start=1):
+            for index in range(num_blocks):
+                strides = 2 if stage > 1 and index == 0 else 1
+                self.blocks.append(
+                    BasicBlock(
+                        scaled_width(64 * 2 ** (stage - 1), width), strides,
+                        bn_mode=self.bn_mode, synchronized_bn=self.synchronized_bn,
+                        name=f"block{stage}.{index}",
+                    )
+                )
+        self.classifier = keras.layers.Dense(
+            num_classes, kernel_initializer=TORCH_DEFAULT_KERNEL_INIT, name="classifier"
+        )
+        self._last_stage = f"block{len(RESNET_STAGE_BLOCKS[depth])}."
+
+    @property
+    def tap_names(self):
+        return [
+            f"{block.name}.{bn}"
+            for block in self.blocks if block.name.startswith(self._last_stage)
+            for bn in ("bn1", "bn2")
+        ]
+
+    def forward(self, images, training, branch):
+        x = tf.nn.relu(self.stem_bn(self.stem_conv(images), training=training, branch=branch))
+        taps = {}
+        for block in self.blocks:
+            x, (bn1, bn2) = block(x, training=training, branch=branch)
+            if block.name.startswith(self._last_stage):
+                taps[f"{block.name}.bn1"] = pooled_tap(bn1)
+                taps[f"{block.name}.bn2"] = pooled_tap(bn2)
+        logits = self.classifier(tf.reduce_mean(x, axis=[1, 2]))
+        return logits, taps
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(depth=self.depth, width=self.width)
+        return config

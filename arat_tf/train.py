@@ -1,0 +1,46 @@
+"""`python -m arat_tf.train --flagfile configs/smoke.flags --data_dir ../shared/datasets/tfds`
+
+Trains one model with one adversarial-training method and writes a run directory (see
+`arat_tf.training`). Every hyperparameter of the spec is a flag with the spec's default; see
+`--helpfull` or `configs/*.flags`.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging
+
+from arat_tf.flags import config_from_flags, define_train_flags
+
+define_train_flags()
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        config = config_from_flags(FLAGS)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
+
+    logging.set_verbosity(logging.WARNING)  # TF/TFDS info lines would break the progress bar.
+    from arat_tf import training  # Imported after flag parsing so --help stays fast.
+    from arat_tf.callbacks import CheckpointError, NonFiniteLossError
+    from arat_tf.data import DatasetNotAvailableError
+
+    try:
+        _, records = training.train(config)
+    except (training.RunDirectoryError, CheckpointError, NonFiniteLossError,
+            DatasetNotAvailableError) as error:
+        raise SystemExit(f"error: {error}") from None
+    if records:
+        last = records[-1]
+        summary = ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith("val_"))
+        print(f"Finished epoch {last['epoch']}: {summary}")
+    print(f"Run directory: {os.path.abspath(config.run_dir)}")
+
+
+if __name__ == "__main__":
+    app.run(main)
