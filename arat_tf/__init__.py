@@ -4,6 +4,12 @@ Importing the package registers every custom layer, model, optimizer and schedul
 so `keras.models.load_model("run/model.keras")` works after `import arat_tf`.
 """
 
+import os
+
+# TensorFlow's C++ INFO/WARNING lines (oneDNN, rendezvous, CUDA probing) would interleave with the Keras
+# progress bar; users who want them set TF_CPP_MIN_LOG_LEVEL themselves.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 from arat_tf import layers, models, optimizers, schedules  # noqa: F401  (Keras registration)
 
 __version__ = "0.1.0"

@@ -134,14 +134,16 @@ class EpochCheckpoint(keras.callbacks.Callback):
         directory: checkpoint directory.
         trainer: the compiled `AdversarialTrainer` (its optimizer must be built).
         max_to_keep: how many epoch checkpoints to keep.
+        **extra_state: further trackables saved with it (e.g. SWA's `WeightAverage`).
     """
 
-    def __init__(self, directory, trainer, max_to_keep=2):
+    def __init__(self, directory, trainer, max_to_keep=2, **extra_state):
         super().__init__()
         self.directory = directory
         self.completed_epochs = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.checkpoint = tf.train.Checkpoint(
-            trainer=trainer, optimizer=trainer.optimizer, completed_epochs=self.completed_epochs
+            trainer=trainer, optimizer=trainer.optimizer, completed_epochs=self.completed_epochs,
+            **extra_state,
         )
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)
 

@@ -140,6 +140,9 @@ class TrainConfig:
                           f"got {self.bn_mode!r}")
         if self.eps > 0 and self.attack_step_size == 0:
             errors.append("--attack_step_size must be > 0 when --eps > 0")
+        if self.swa and self.swa_start_epoch > self.epochs:
+            errors.append(f"--swa_start_epoch={self.swa_start_epoch} is after the last epoch "
+                          f"(--epochs={self.epochs})")
         if not self.run_dir:
             errors.append("--run_dir must not be empty")
         if errors:

@@ -7,8 +7,6 @@ Trains one model with one adversarial-training method and writes a run directory
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 from absl import app, flags, logging
 
 from arat_tf.flags import config_from_flags, define_train_flags

@@ -28,6 +28,7 @@ from arat_tf.methods import METHOD_DEFAULTS, AratTrainer, HybridTrainer, MartTra
 from arat_tf.models import build_model
 from arat_tf.optimizers import CoupledWeightDecaySGD
 from arat_tf.schedules import make_learning_rate_schedule
+from arat_tf.swa import StochasticWeightAveraging, WeightAverage, finalize_weight_average
 
 
 class RunDirectoryError(RuntimeError):
@@ -146,8 +147,11 @@ def train(config, strategy=None):
         classifier = build_classifier(config, spec)
         trainer = build_trainer(config, classifier)
         compile_trainer(trainer, config, steps_per_epoch)
+        extra_state = {}
+        if config.swa:
+            extra_state["weight_average"] = WeightAverage(classifier.trainable_variables)
 
-    checkpoint = run_callbacks.EpochCheckpoint(checkpoint_dir, trainer)
+    checkpoint = run_callbacks.EpochCheckpoint(checkpoint_dir, trainer, **extra_state)
     first_epoch = checkpoint.restore() if config.resume else 0
     if first_epoch >= config.epochs:
         logging.info("All %d epochs already trained in %s.", config.epochs, run_dir)
@@ -166,6 +170,10 @@ def train(config, strategy=None):
     metrics_writer = run_callbacks.EpochMetricsWriter(
         os.path.join(run_dir, "metrics.json"), first_epoch
     )
+    if config.swa:
+        callbacks.append(StochasticWeightAveraging(
+            extra_state["weight_average"], config.swa_start_epoch - 1, config.swa_every
+        ))
     callbacks += [
         run_callbacks.NonFiniteLossGuard(checkpoint_dir),
         metrics_writer,
@@ -179,5 +187,12 @@ def train(config, strategy=None):
             validation_data=validation_data, callbacks=callbacks, verbose=config.verbose,
             shuffle=False,  # The tf.data pipeline shuffles; Keras would only warn.
         )
+    if config.swa:
+        averaged = finalize_weight_average(
+            classifier, extra_state["weight_average"], train_data, trainer.train_attack
+        )
+        print("SWA: averaged weights, adversarial BN statistics refreshed." if averaged else
+              "SWA: no averaging step was reached (--swa_start_epoch/--swa_every); kept the "
+              "trained weights.")
     atomic_save_model(classifier, os.path.join(run_dir, "model.keras"))
     return classifier, metrics_writer.records
