@@ -6,11 +6,55 @@ authors' framework): the moving variance is updated with the *unbiased* batch va
 (n / (n - 1) correction) while the batch itself is normalised with the biased one.
 """
 
+import contextlib
+import threading
+
+import keras
 import tensorflow as tf
 
 BRANCHES = ("clean", "adv")
 MIXED = "mixed"
 CALL_BRANCHES = BRANCHES + (MIXED,)
+
+
+_REPLICA_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def replica_local_statistics():
+    """Within this context (at trace time), synchronised BN layers use per-replica batch statistics.
+
+    A training-mode attack (the ARAT authors' protocol) runs BN inside the PGD `tf.while_loop`, and
+    `tf.distribute.MirroredStrategy` cannot all-reduce inside control flow (on CPU, and on GPU without
+    XLA, every cross-replica reduction is a `merge_call`). The attack therefore normalises with each
+    replica's own batch statistics, which is also what the authors' PyTorch `DataParallel` does;
+    the training forward pass outside the loop stays synchronised.
+    """
+    previous = getattr(_REPLICA_LOCAL, "active", False)
+    _REPLICA_LOCAL.active = True
+    try:
+        yield
+    finally:
+        _REPLICA_LOCAL.active = previous
+
+
+def add_moving_statistic(layer, name, shape, initializer):
+    """A non-trainable moving-statistic variable that is safe to update inside a replica's graph loop.
+
+    `synchronization="on_read"` (tf.keras' choice for BN statistics): each replica updates its own
+    copy with no cross-replica synchronisation point, which TensorFlow forbids inside control flow
+    such as the PGD `tf.while_loop` of an attack run in training mode; reads outside the replicas
+    (checkpoints, saving, evaluation) see the mean over replicas. `Layer.add_weight` cannot set the
+    synchronisation, hence this helper, which otherwise does what `add_weight` does.
+    """
+    with keras.name_scope(layer.name, caller=layer):
+        variable = keras.Variable(
+            initializer=keras.initializers.get(initializer), shape=shape, dtype="float32",
+            trainable=False, autocast=False, aggregation="mean", synchronization="on_read",
+            name=name,
+        )
+    layer._track_variable(variable)
+    return variable
 
 
 def check_branch(branch):
@@ -36,7 +80,8 @@ def batch_moments(inputs, synchronized=False):
     """Mean, biased variance and element count per channel of a channels-last batch.
 
     With `synchronized=True` inside a `tf.distribute` replica context with more than one replica,
-    the sums are all-reduced so every replica normalises with the statistics of the global batch.
+    the sums are all-reduced so every replica normalises with the statistics of the global batch
+    (except inside `replica_local_statistics()`).
 
     Args:
         inputs: float tensor `[batch, ..., channels]`.
@@ -48,6 +93,7 @@ def batch_moments(inputs, synchronized=False):
     axes = list(range(len(inputs.shape) - 1))
     count = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], inputs.dtype)
     context = tf.distribute.get_replica_context()
+    synchronized = synchronized and not getattr(_REPLICA_LOCAL, "active", False)
     if synchronized and context is not None and context.num_replicas_in_sync > 1:
         local_sum = tf.reduce_sum(inputs, axis=axes)
         local_square_sum = tf.reduce_sum(tf.square(inputs), axis=axes)

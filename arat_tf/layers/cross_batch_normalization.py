@@ -49,12 +49,8 @@ class CrossBatchNormalization(keras.layers.Layer):
 
     def build(self, input_shape):
         shape = (input_shape[-1],)
-        self.moving_mean = self.add_weight(
-            shape=shape, initializer="zeros", trainable=False, autocast=False,
-            aggregation="mean", name="moving_mean")
-        self.moving_variance = self.add_weight(
-            shape=shape, initializer="ones", trainable=False, autocast=False,
-            aggregation="mean", name="moving_variance")
+        self.moving_mean = bs.add_moving_statistic(self, "moving_mean", shape, "zeros")
+        self.moving_variance = bs.add_moving_statistic(self, "moving_variance", shape, "ones")
         self.gamma = self.add_weight(shape=shape, initializer="ones", autocast=False, name="gamma")
         self.beta = self.add_weight(shape=shape, initializer="zeros", autocast=False, name="beta")
 

@@ -82,12 +82,10 @@ class SplitBatchNormalization(keras.layers.Layer):
             )
         shape = (channels,)
         for key in sorted({self._statistics_key(b) for b in bs.BRANCHES}):
-            setattr(self, f"{key}_moving_mean", self.add_weight(
-                shape=shape, initializer="zeros", trainable=False, autocast=False,
-                aggregation="mean", name=f"{key}_moving_mean"))
-            setattr(self, f"{key}_moving_variance", self.add_weight(
-                shape=shape, initializer="ones", trainable=False, autocast=False,
-                aggregation="mean", name=f"{key}_moving_variance"))
+            setattr(self, f"{key}_moving_mean",
+                    bs.add_moving_statistic(self, f"{key}_moving_mean", shape, "zeros"))
+            setattr(self, f"{key}_moving_variance",
+                    bs.add_moving_statistic(self, f"{key}_moving_variance", shape, "ones"))
         for key in sorted({self._affine_key(b) for b in bs.BRANCHES}):
             setattr(self, f"{key}_gamma", self.add_weight(
                 shape=shape, initializer="ones", autocast=False, name=f"{key}_gamma"))

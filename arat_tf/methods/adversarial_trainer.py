@@ -4,6 +4,7 @@ import keras
 import tensorflow as tf
 
 from arat_tf.attacks import AttackConfig, make_forward
+from arat_tf.layers.batch_statistics import replica_local_statistics
 
 
 def mean_cross_entropy(logits, labels):
@@ -41,6 +42,8 @@ class AdversarialTrainer(keras.Model):
         attack_bn_mode: "inference" (BN moving statistics, never updated: the community's protocol)
             or "train" (batch statistics; the adversarial branch's moving statistics are updated by
             every attack step: the ARAT authors' protocol). The clean branch is never touched.
+            Under `tf.distribute`, a training-mode attack uses per-replica batch statistics even
+            with synchronised BN (see `replica_local_statistics`).
         eval_attack: `AttackConfig` of the validation attack (run in inference mode).
         eval_branch: BN branch of every validation number and of `call()`.
         **kwargs: base `keras.Model` arguments.
@@ -117,7 +120,8 @@ class AdversarialTrainer(keras.Model):
 
     def train_step(self, data):
         images, labels = data
-        adversarial_images = tf.stop_gradient(self.generate_adversarial(images, labels))
+        with replica_local_statistics():
+            adversarial_images = tf.stop_gradient(self.generate_adversarial(images, labels))
         with tf.GradientTape() as tape:
             total_loss, terms, clean_logits, adv_logits = self.compute_losses(
                 images, adversarial_images, labels
