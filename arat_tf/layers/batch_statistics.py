@@ -57,6 +57,14 @@ def add_moving_statistic(layer, name, shape, initializer):
     return variable
 
 
+def check_momentum_and_epsilon(momentum, epsilon):
+    """Raises a ValueError echoing the value unless 0 <= momentum < 1 and epsilon > 0."""
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), received momentum={momentum}.")
+    if epsilon <= 0.0:
+        raise ValueError(f"epsilon must be > 0, received epsilon={epsilon}.")
+
+
 def check_branch(branch):
     """Raises a ValueError naming `branch` unless it is "clean", "adv" or "mixed"."""
     if branch not in CALL_BRANCHES:

@@ -38,10 +38,7 @@ class CrossBatchNormalization(keras.layers.Layer):
             raise ValueError(
                 f"statistics_from must be one of {bs.BRANCHES}, received {statistics_from!r}."
             )
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), received momentum={momentum}.")
-        if epsilon <= 0.0:
-            raise ValueError(f"epsilon must be > 0, received epsilon={epsilon}.")
+        bs.check_momentum_and_epsilon(momentum, epsilon)
         self.statistics_from = statistics_from
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)

@@ -58,10 +58,7 @@ class SplitBatchNormalization(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), received momentum={momentum}.")
-        if epsilon <= 0.0:
-            raise ValueError(f"epsilon must be > 0, received epsilon={epsilon}.")
+        bs.check_momentum_and_epsilon(momentum, epsilon)
         self.split_statistics = bool(split_statistics)
         self.split_affine = bool(split_affine)
         self.momentum = float(momentum)

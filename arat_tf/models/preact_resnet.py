@@ -3,36 +3,31 @@
 import keras
 import tensorflow as tf
 
-from arat_tf.layers import make_normalization
 from arat_tf.models.branched_classifier import (
     TORCH_DEFAULT_KERNEL_INIT,
     BranchedClassifier,
     pooled_tap,
 )
-from arat_tf.models.resnet import RESNET_STAGE_BLOCKS, conv, scaled_width
+from arat_tf.models.residual_block import ResidualBlock
+from arat_tf.models.resnet import RESNET_STAGE_BLOCKS, conv, resnet_stage_plan, scaled_width
 
 
 @keras.saving.register_keras_serializable(package="arat_tf")
-class PreActBlock(keras.layers.Layer):
+class PreActBlock(ResidualBlock):
     """BN-ReLU-conv-BN-ReLU-conv + shortcut (taken from the first pre-activation when it projects).
 
     Returns `(output, (bn1, bn2))`, the two BN outputs before their ReLU.
     """
 
-    def __init__(self, filters, strides=1, bn_mode="dual", synchronized_bn=False, **kwargs):
-        super().__init__(**kwargs)
-        self.filters = int(filters)
-        self.strides = int(strides)
-        self.bn_mode = bn_mode
-        self.synchronized_bn = bool(synchronized_bn)
-        self.bn1 = make_normalization(bn_mode, synchronized=synchronized_bn, name="bn1")
+    def __init__(self, filters, strides=1, **kwargs):
+        super().__init__(filters, strides, **kwargs)
+        self.bn1 = self.norm("bn1")
         self.conv1 = conv(filters, 3, strides, "conv1")
-        self.bn2 = make_normalization(bn_mode, synchronized=synchronized_bn, name="bn2")
+        self.bn2 = self.norm("bn2")
         self.conv2 = conv(filters, 3, 1, "conv2")
-        self.shortcut_conv = None
 
     def build(self, input_shape):
-        if self.strides != 1 or input_shape[-1] != self.filters:
+        if self.needs_projection(input_shape):
             self.shortcut_conv = conv(self.filters, 1, self.strides, "shortcut_conv")
 
     def call(self, inputs, training=None, branch="adv"):
@@ -41,14 +36,6 @@ class PreActBlock(keras.layers.Layer):
         shortcut = inputs if self.shortcut_conv is None else self.shortcut_conv(pre)
         bn2 = self.bn2(self.conv1(pre), training=training, branch=branch)
         return self.conv2(tf.nn.relu(bn2)) + shortcut, (bn1, bn2)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            filters=self.filters, strides=self.strides, bn_mode=self.bn_mode,
-            synchronized_bn=self.synchronized_bn,
-        )
-        return config
 
 
 @keras.saving.register_keras_serializable(package="arat_tf")
@@ -74,30 +61,20 @@ class PreActResNet(BranchedClassifier):
 
     def __init__(self, num_classes=10, image_shape=(32, 32, 3), depth=18, width=1.0, **kwargs):
         super().__init__(num_classes, image_shape, **kwargs)
-        if depth not in RESNET_STAGE_BLOCKS:
-            raise ValueError(f"depth must be one of {sorted(RESNET_STAGE_BLOCKS)}, received depth={depth}.")
-        if not width > 0:
-            raise ValueError(f"width must be > 0, received width={width}.")
+        plan = resnet_stage_plan(depth, width)
         self.depth = int(depth)
         self.width = float(width)
         self.stem_conv = conv(scaled_width(64, width), 3, 1, "stem_conv")
-        self.blocks = []
-        stages = RESNET_STAGE_BLOCKS[depth]
-        for stage, num_blocks in enumerate(stages, start=1):
-            for index in range(num_blocks):
-                self.blocks.append(
-                    PreActBlock(
-                        scaled_width(64 * 2 ** (stage - 1), width),
-                        2 if stage > 1 and index == 0 else 1,
-                        bn_mode=self.bn_mode, synchronized_bn=self.synchronized_bn,
-                        name=f"block{stage}.{index}",
-                    )
-                )
+        self.blocks = [
+            PreActBlock(filters, strides, bn_mode=self.bn_mode,
+                        synchronized_bn=self.synchronized_bn, name=name)
+            for name, filters, strides in plan
+        ]
         self.final_bn = self.norm("final_bn")
         self.classifier = keras.layers.Dense(
             num_classes, kernel_initializer=TORCH_DEFAULT_KERNEL_INIT, name="classifier"
         )
-        self._last_stage = f"block{len(stages)}."
+        self._last_stage = f"block{len(RESNET_STAGE_BLOCKS[depth])}."
 
     @property
     def tap_names(self):

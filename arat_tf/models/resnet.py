@@ -3,12 +3,12 @@
 import keras
 import tensorflow as tf
 
-from arat_tf.layers import make_normalization
 from arat_tf.models.branched_classifier import (
     TORCH_DEFAULT_KERNEL_INIT,
     BranchedClassifier,
     pooled_tap,
 )
+from arat_tf.models.residual_block import ResidualBlock
 
 RESNET_STAGE_BLOCKS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
@@ -26,32 +26,43 @@ def scaled_width(base, width):
     return max(1, int(round(base * width)))
 
 
+def resnet_stage_plan(depth, width):
+    """`[(block_name, filters, strides)]` of a CIFAR ResNet's four stages (64-128-256-512 x width).
+
+    Raises:
+        ValueError: unknown depth or non-positive width.
+    """
+    if depth not in RESNET_STAGE_BLOCKS:
+        raise ValueError(f"depth must be one of {sorted(RESNET_STAGE_BLOCKS)}, received depth={depth}.")
+    if not width > 0:
+        raise ValueError(f"width must be > 0, received width={width}.")
+    return [
+        (f"block{stage}.{index}", scaled_width(64 * 2 ** (stage - 1), width),
+         2 if stage > 1 and index == 0 else 1)
+        for stage, num_blocks in enumerate(RESNET_STAGE_BLOCKS[depth], start=1)
+        for index in range(num_blocks)
+    ]
+
+
 @keras.saving.register_keras_serializable(package="arat_tf")
-class BasicBlock(keras.layers.Layer):
+class BasicBlock(ResidualBlock):
     """conv-BN-ReLU-conv-BN + shortcut, ReLU: the block of the CIFAR ResNet-18 (Kuang Liu's layout).
 
     Returns `(output, (bn1, bn2))` where bn1/bn2 are the two BN outputs, bn2 taken before the
     residual add: ARAT's taps on the last stage.
     """
 
-    def __init__(self, filters, strides=1, bn_mode="dual", synchronized_bn=False, **kwargs):
-        super().__init__(**kwargs)
-        self.filters = int(filters)
-        self.strides = int(strides)
-        self.bn_mode = bn_mode
-        self.synchronized_bn = bool(synchronized_bn)
+    def __init__(self, filters, strides=1, **kwargs):
+        super().__init__(filters, strides, **kwargs)
         self.conv1 = conv(filters, 3, strides, "conv1")
-        self.bn1 = make_normalization(bn_mode, synchronized=synchronized_bn, name="bn1")
+        self.bn1 = self.norm("bn1")
         self.conv2 = conv(filters, 3, 1, "conv2")
-        self.bn2 = make_normalization(bn_mode, synchronized=synchronized_bn, name="bn2")
-        self.shortcut_conv = None
+        self.bn2 = self.norm("bn2")
 
     def build(self, input_shape):
-        if self.strides != 1 or input_shape[-1] != self.filters:
+        if self.needs_projection(input_shape):
             self.shortcut_conv = conv(self.filters, 1, self.strides, "shortcut_conv")
-            self.shortcut_bn = make_normalization(
-                self.bn_mode, synchronized=self.synchronized_bn, name="shortcut_bn"
-            )
+            self.shortcut_bn = self.norm("shortcut_bn")
 
     def call(self, inputs, training=None, branch="adv"):
         bn1 = self.bn1(self.conv1(inputs), training=training, branch=branch)
@@ -60,14 +71,6 @@ class BasicBlock(keras.layers.Layer):
         if self.shortcut_conv is not None:
             shortcut = self.shortcut_bn(self.shortcut_conv(inputs), training=training, branch=branch)
         return tf.nn.relu(bn2 + shortcut), (bn1, bn2)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            filters=self.filters, strides=self.strides, bn_mode=self.bn_mode,
-            synchronized_bn=self.synchronized_bn,
-        )
-        return config
 
 
 @keras.saving.register_keras_serializable(package="arat_tf")
@@ -97,25 +100,16 @@ class ResNet(BranchedClassifier):
 
     def __init__(self, num_classes=10, image_shape=(32, 32, 3), depth=18, width=1.0, **kwargs):
         super().__init__(num_classes, image_shape, **kwargs)
-        if depth not in RESNET_STAGE_BLOCKS:
-            raise ValueError(f"depth must be one of {sorted(RESNET_STAGE_BLOCKS)}, received depth={depth}.")
-        if not width > 0:
-            raise ValueError(f"width must be > 0, received width={width}.")
+        plan = resnet_stage_plan(depth, width)
         self.depth = int(depth)
         self.width = float(width)
         self.stem_conv = conv(scaled_width(64, width), 3, 1, "stem_conv")
         self.stem_bn = self.norm("stem_bn")
-        self.blocks = []
-        for stage, num_blocks in enumerate(RESNET_STAGE_BLOCKS[depth], start=1):
-            for index in range(num_blocks):
-                strides = 2 if stage > 1 and index == 0 else 1
-                self.blocks.append(
-                    BasicBlock(
-                        scaled_width(64 * 2 ** (stage - 1), width), strides,
-                        bn_mode=self.bn_mode, synchronized_bn=self.synchronized_bn,
-                        name=f"block{stage}.{index}",
-                    )
-                )
+        self.blocks = [
+            BasicBlock(filters, strides, bn_mode=self.bn_mode,
+                       synchronized_bn=self.synchronized_bn, name=name)
+            for name, filters, strides in plan
+        ]
         self.classifier = keras.layers.Dense(
             num_classes, kernel_initializer=TORCH_DEFAULT_KERNEL_INIT, name="classifier"
         )

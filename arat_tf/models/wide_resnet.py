@@ -3,8 +3,8 @@
 import keras
 import tensorflow as tf
 
-from arat_tf.layers import make_normalization
 from arat_tf.models.branched_classifier import BranchedClassifier, pooled_tap
+from arat_tf.models.residual_block import ResidualBlock
 
 # The TRADES/ARAT WideResNet initialises convolutions with He-normal (fan_out) and zeroes the
 # classifier bias.
@@ -20,27 +20,22 @@ def wrn_conv(filters, kernel_size, strides, name):
 
 
 @keras.saving.register_keras_serializable(package="arat_tf")
-class WideBasicBlock(keras.layers.Layer):
+class WideBasicBlock(ResidualBlock):
     """BN-ReLU-conv-BN-ReLU-conv with a projecting shortcut when the width or stride changes.
 
     Returns `(output, (relu1, relu2))`: the activations ARAT taps in WRN-34-10. As in the reference
     implementation, a projecting block applies its shortcut to relu1, an identity block to the input.
     """
 
-    def __init__(self, filters, strides=1, bn_mode="dual", synchronized_bn=False, **kwargs):
-        super().__init__(**kwargs)
-        self.filters = int(filters)
-        self.strides = int(strides)
-        self.bn_mode = bn_mode
-        self.synchronized_bn = bool(synchronized_bn)
-        self.bn1 = make_normalization(bn_mode, synchronized=synchronized_bn, name="bn1")
+    def __init__(self, filters, strides=1, **kwargs):
+        super().__init__(filters, strides, **kwargs)
+        self.bn1 = self.norm("bn1")
         self.conv1 = wrn_conv(filters, 3, strides, "conv1")
-        self.bn2 = make_normalization(bn_mode, synchronized=synchronized_bn, name="bn2")
+        self.bn2 = self.norm("bn2")
         self.conv2 = wrn_conv(filters, 3, 1, "conv2")
-        self.shortcut_conv = None
 
     def build(self, input_shape):
-        if self.strides != 1 or input_shape[-1] != self.filters:
+        if self.needs_projection(input_shape):
             self.shortcut_conv = wrn_conv(self.filters, 1, self.strides, "shortcut_conv")
 
     def call(self, inputs, training=None, branch="adv"):
@@ -48,14 +43,6 @@ class WideBasicBlock(keras.layers.Layer):
         relu2 = tf.nn.relu(self.bn2(self.conv1(relu1), training=training, branch=branch))
         shortcut = inputs if self.shortcut_conv is None else self.shortcut_conv(relu1)
         return self.conv2(relu2) + shortcut, (relu1, relu2)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            filters=self.filters, strides=self.strides, bn_mode=self.bn_mode,
-            synchronized_bn=self.synchronized_bn,
-        )
-        return config
 
 
 @keras.saving.register_keras_serializable(package="arat_tf")
