@@ -385,3 +385,44 @@ def test_every_bn_mode_builds_and_runs(bn_mode):
     for branch in ("adv", "clean", "mixed"):
         assert tuple(model(x, training=True, branch=branch).shape) == (BATCH, 10)
     assert tuple(model(x, training=False, branch="clean").shape) == (BATCH, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation
+# ---------------------------------------------------------------------------------------------
+DEEPER = {
+    "resnet": dict(depth=18, width=0.125, image_shape=(32, 32, 3)),
+    "preact_resnet": dict(depth=18, width=0.125, image_shape=(32, 32, 3)),
+    "wide_resnet": dict(depth=16, width=1, image_shape=(32, 32, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEEPER))
+def test_layers_of_the_same_shape_are_initialised_independently(name):
+    """Two convolutions with the same kernel shape must not start from identical weights."""
+    model = build_model(name, num_classes=10, **DEEPER[name])
+    kernels = [w for w in model.weights if w.path.endswith("kernel")]
+    identical = [
+        (a.path, b.path)
+        for i, a in enumerate(kernels) for b in kernels[i + 1:]
+        if a.shape == b.shape and np.array_equal(a.numpy(), b.numpy())
+    ]
+    assert not identical, f"{len(identical)} pairs of identical initial kernels, e.g. {identical[:3]}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_initialisation_follows_the_keras_seed(name):
+    """`keras.utils.set_random_seed` (the CLI's --seed) decides the initial weights."""
+    def initial_weights(seed):
+        keras.utils.set_random_seed(seed)
+        return [w.numpy() for w in tiny_model(name).trainable_weights]
+
+    first, again, other = initial_weights(1), initial_weights(1), initial_weights(2)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    kernels_differ = [
+        not np.array_equal(a, b) for a, b in zip(first, other) if a.ndim >= 2
+    ]
+    assert all(kernels_differ), (
+        f"{kernels_differ.count(False)} of {len(kernels_differ)} kernels ignore the seed"
+    )

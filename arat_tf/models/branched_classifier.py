@@ -5,9 +5,15 @@ import tensorflow as tf
 
 from arat_tf.layers import BN_MODES, make_normalization
 
-# PyTorch's default init for conv and dense kernels (kaiming_uniform with a=sqrt(5)): the reference
-# ResNets of the ARAT/TRADES/MART code bases rely on it.
-TORCH_DEFAULT_KERNEL_INIT = keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
+def torch_default_kernel_init():
+    """PyTorch's default init for conv and dense kernels (kaiming_uniform with a=sqrt(5)), which the
+    reference ResNets of the ARAT/TRADES/MART code bases rely on.
+
+    A new initializer per layer: a Keras initializer object fixes its seed when constructed, so one
+    shared object would give every same-shaped layer the same initial weights and ignore
+    `keras.utils.set_random_seed`.
+    """
+    return keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def pooled_tap(activation):

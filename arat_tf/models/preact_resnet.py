@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 
 from arat_tf.models.branched_classifier import (
-    TORCH_DEFAULT_KERNEL_INIT,
+    torch_default_kernel_init,
     BranchedClassifier,
     pooled_tap,
 )
@@ -72,7 +72,7 @@ class PreActResNet(BranchedClassifier):
         ]
         self.final_bn = self.norm("final_bn")
         self.classifier = keras.layers.Dense(
-            num_classes, kernel_initializer=TORCH_DEFAULT_KERNEL_INIT, name="classifier"
+            num_classes, kernel_initializer=torch_default_kernel_init(), name="classifier"
         )
         self._last_stage = f"block{len(RESNET_STAGE_BLOCKS[depth])}."
 

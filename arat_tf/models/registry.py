@@ -20,8 +20,7 @@ def build_model(name, *, num_classes, image_shape, bn_mode="dual", synchronized_
         synchronized_bn: synchronise BN statistics across replicas.
         depth: ResNet depth (10/18/34, default 18) or WideResNet depth (6n+4, default 34);
             ignored by small_cnn.
-        width: channel multiplier; for wide_resnet, the widen factor (default 10 when 1.0 is
-            passed as the generic default would make no sense for WRN: pass it explicitly).
+        width: channel multiplier; for wide_resnet, the widen factor (pass 10 for WRN-34-10).
 
     Returns:
         A built model.

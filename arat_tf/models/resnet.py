@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 
 from arat_tf.models.branched_classifier import (
-    TORCH_DEFAULT_KERNEL_INIT,
+    torch_default_kernel_init,
     BranchedClassifier,
     pooled_tap,
 )
@@ -17,7 +17,7 @@ def conv(filters, kernel_size, strides, name):
     """A bias-free 'same' convolution with PyTorch's default initialisation."""
     return keras.layers.Conv2D(
         filters, kernel_size, strides=strides, padding="same", use_bias=False,
-        kernel_initializer=TORCH_DEFAULT_KERNEL_INIT, name=name,
+        kernel_initializer=torch_default_kernel_init(), name=name,
     )
 
 
@@ -111,7 +111,7 @@ class ResNet(BranchedClassifier):
             for name, filters, strides in plan
         ]
         self.classifier = keras.layers.Dense(
-            num_classes, kernel_initializer=TORCH_DEFAULT_KERNEL_INIT, name="classifier"
+            num_classes, kernel_initializer=torch_default_kernel_init(), name="classifier"
         )
         self._last_stage = f"block{len(RESNET_STAGE_BLOCKS[depth])}."
 

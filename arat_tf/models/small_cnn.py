@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from arat_tf.models.branched_classifier import TORCH_DEFAULT_KERNEL_INIT, BranchedClassifier
+from arat_tf.models.branched_classifier import BranchedClassifier, torch_default_kernel_init
 
 
 @keras.saving.register_keras_serializable(package="arat_tf")
@@ -38,21 +38,21 @@ class SmallCNN(BranchedClassifier):
         self.convs = [
             keras.layers.Conv2D(
                 units(filters), 3, padding="valid", use_bias=False,
-                kernel_initializer=TORCH_DEFAULT_KERNEL_INIT, name=f"conv{i}",
+                kernel_initializer=torch_default_kernel_init(), name=f"conv{i}",
             )
             for i, filters in enumerate((32, 32, 64, 64), start=1)
         ]
         self.conv_norms = [self.norm(f"conv{i}_bn") for i in range(1, 5)]
         self.hidden = [
             keras.layers.Dense(
-                units(200), use_bias=False, kernel_initializer=TORCH_DEFAULT_KERNEL_INIT,
+                units(200), use_bias=False, kernel_initializer=torch_default_kernel_init(),
                 name=f"fc{i}",
             )
             for i in (1, 2)
         ]
         self.hidden_norms = [self.norm(f"fc{i}_bn") for i in (1, 2)]
         self.classifier = keras.layers.Dense(
-            num_classes, kernel_initializer=TORCH_DEFAULT_KERNEL_INIT, name="classifier"
+            num_classes, kernel_initializer=torch_default_kernel_init(), name="classifier"
         )
 
     @property

@@ -6,16 +6,12 @@ import tensorflow as tf
 from arat_tf.models.branched_classifier import BranchedClassifier, pooled_tap
 from arat_tf.models.residual_block import ResidualBlock
 
-# The TRADES/ARAT WideResNet initialises convolutions with He-normal (fan_out) and zeroes the
-# classifier bias.
-WRN_CONV_INIT = keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
-
-
 def wrn_conv(filters, kernel_size, strides, name):
-    """A bias-free 'same' convolution with the WideResNet initialisation."""
+    """A bias-free 'same' convolution with the TRADES/ARAT WideResNet initialisation (He-normal,
+    fan_out; a new initializer per layer, see `torch_default_kernel_init`)."""
     return keras.layers.Conv2D(
         filters, kernel_size, strides=strides, padding="same", use_bias=False,
-        kernel_initializer=WRN_CONV_INIT, name=name,
+        kernel_initializer=keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal"), name=name,
     )
 
 
