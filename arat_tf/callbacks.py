@@ -1,5 +1,7 @@
 """Keras callbacks of a training run: CE auto-balance, NaN guard, per-epoch metrics, checkpoints."""
 
+import csv
+import io
 import json
 import math
 import os
@@ -8,7 +10,7 @@ import time
 import keras
 import tensorflow as tf
 
-from arat_tf.io_utils import atomic_write_json
+from arat_tf.io_utils import atomic_write_json, atomic_write_text
 
 
 class CeWeightAutoBalance(keras.callbacks.Callback):
@@ -77,29 +79,47 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
+            saved = (
+                f"the last good checkpoint is in {self.checkpoint_dir}"
+                if tf.train.latest_checkpoint(self.checkpoint_dir)
+                else "no checkpoint had been written yet"
+            )
             raise NonFiniteLossError(
                 f"Training loss became {float(loss)} in epoch {self._epoch + 1}, batch {batch + 1}. "
-                f"Nothing of this epoch was saved; the last good checkpoint is in "
-                f"{self.checkpoint_dir}. Lower --learning_rate or check the input data."
+                f"Nothing of this epoch was saved; {saved}. Lower --learning_rate or check the "
+                f"input data."
             )
 
 
-class EpochMetricsWriter(keras.callbacks.Callback):
-    """Writes `metrics.json`: one record per epoch (all logs, learning rate, wall time), atomically.
+def records_as_csv(records):
+    """Per-epoch records as CSV text (columns: the union of all keys, "epoch" first)."""
+    columns = ["epoch"] + sorted({key for record in records for key in record} - {"epoch"})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(records)
+    return buffer.getvalue()
 
-    On resume the existing records up to the restored epoch are kept.
+
+class EpochMetricsWriter(keras.callbacks.Callback):
+    """Writes `metrics.json` and `metrics.csv`: one record per epoch (all logs, learning rate, wall
+    time), both rewritten atomically from the same records.
+
+    On resume the existing records up to the restored epoch are kept and later ones dropped: a crash
+    between the metrics write and the checkpoint write leaves no duplicate epoch behind.
 
     Args:
-        path: the JSON file.
+        json_path: the JSON file; the CSV file sits beside it with a `.csv` suffix.
         first_epoch: 0-based epoch the run starts (or resumes) at.
     """
 
-    def __init__(self, path, first_epoch=0):
+    def __init__(self, json_path, first_epoch=0):
         super().__init__()
-        self.path = path
+        self.json_path = json_path
+        self.csv_path = os.path.splitext(json_path)[0] + ".csv"
         self.records = []
-        if first_epoch > 0 and os.path.exists(path):
-            with open(path) as stream:
+        if first_epoch > 0 and os.path.exists(json_path):
+            with open(json_path) as stream:
                 self.records = [r for r in json.load(stream) if r["epoch"] <= first_epoch]
         self._start = None
 
@@ -116,7 +136,8 @@ class EpochMetricsWriter(keras.callbacks.Callback):
         )
         record["seconds"] = time.time() - self._start
         self.records.append(record)
-        atomic_write_json(self.path, self.records)
+        atomic_write_json(self.json_path, self.records)
+        atomic_write_text(self.csv_path, records_as_csv(self.records))
 
 
 class CheckpointError(RuntimeError):
@@ -130,6 +151,11 @@ class EpochCheckpoint(keras.callbacks.Callback):
     names the newest one, so a kill at any moment leaves the previous epoch's checkpoint intact:
     a crash loses at most the epoch in progress.
 
+    Every variable is saved through explicit lists (`trainer.variables`, `optimizer.variables`):
+    Keras 3 keeps sublayers in plain Python lists, which `tf.train.Checkpoint`'s object graph does
+    not follow, so a checkpoint of the trainer object alone would silently miss every BN moving
+    statistic. Restoring asserts that every saved value and every variable was matched.
+
     Args:
         directory: checkpoint directory.
         trainer: the compiled `AdversarialTrainer` (its optimizer must be built).
@@ -140,9 +166,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
     def __init__(self, directory, trainer, max_to_keep=2, **extra_state):
         super().__init__()
         self.directory = directory
+        self.trainer = trainer
         self.completed_epochs = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.checkpoint = tf.train.Checkpoint(
-            trainer=trainer, optimizer=trainer.optimizer, completed_epochs=self.completed_epochs,
+            model_variables=list(trainer.variables),
+            optimizer_variables=list(trainer.optimizer.variables),
+            completed_epochs=self.completed_epochs,
             **extra_state,
         )
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)
@@ -157,9 +186,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         if path is None:
             return 0
         try:
-            status = self.checkpoint.restore(path)
-            status.assert_existing_objects_matched()
-        except (tf.errors.OpError, AssertionError, ValueError) as error:
+            self.checkpoint.restore(path).assert_consumed()
+        except (tf.errors.OpError, AssertionError, ValueError, IndexError, KeyError) as error:
             raise CheckpointError(
                 f"Cannot restore checkpoint {path}: {type(error).__name__}: "
                 f"{str(error).splitlines()[0] if str(error) else ''}. The file is missing, corrupt, "

@@ -9,9 +9,11 @@ import os
 
 from absl import app, flags, logging
 
+from arat_tf import flags as arat_flags
 from arat_tf.flags import config_from_flags, define_train_flags
 
 define_train_flags()
+flags.adopt_module_key_flags(arat_flags)  # --help lists the training flags, not only --helpfull.
 FLAGS = flags.FLAGS
 
 
@@ -24,7 +26,7 @@ def main(argv):
         raise app.UsageError(str(error)) from None
 
     logging.set_verbosity(logging.WARNING)  # TF/TFDS info lines would break the progress bar.
-    from arat_tf import training  # Imported after flag parsing so --help stays fast.
+    from arat_tf import training
     from arat_tf.callbacks import CheckpointError, NonFiniteLossError
     from arat_tf.data import DatasetNotAvailableError
 

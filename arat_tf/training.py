@@ -6,7 +6,7 @@ The CLI (`arat_tf.train`) and the tuner call this one function; it owns the run 
       flags.txt        resolved configuration, replayable with --flagfile
       config.json      the same, as JSON
       metrics.json     one record per epoch (all logged metrics, learning rate, seconds)
-      metrics.csv      the same, as CSV (Keras CSVLogger)
+      metrics.csv      the same, as CSV
       tensorboard/     TensorBoard logs
       checkpoints/     trainer + optimizer state after every epoch (for --resume)
       model.keras      the trained classifier (both BN branches; no predictor heads)
@@ -114,14 +114,21 @@ def compile_trainer(trainer, config, steps_per_epoch):
     optimizer.build(trainer.trainable_variables)
 
 
-def _prepare_run_dir(config, checkpoint_dir):
+def _check_run_dir(config, checkpoint_dir):
+    """Refuses to overwrite a previous run, and to resume one whose checkpoint index is gone."""
+    leftovers = os.path.isdir(checkpoint_dir) and bool(os.listdir(checkpoint_dir))
+    leftovers = leftovers or os.path.exists(os.path.join(config.run_dir, "metrics.json"))
     has_checkpoint = tf.train.latest_checkpoint(checkpoint_dir) is not None
-    if has_checkpoint and not config.resume:
+    if leftovers and not config.resume:
         raise RunDirectoryError(
-            f"{config.run_dir} already holds a run (checkpoints in {checkpoint_dir}). Pass --resume "
-            f"to continue it, or choose another --run_dir; nothing was overwritten."
+            f"{config.run_dir} already holds a run. Pass --resume to continue it, or choose another "
+            f"--run_dir; nothing was overwritten."
         )
-    os.makedirs(config.run_dir, exist_ok=True)
+    if leftovers and config.resume and not has_checkpoint:
+        raise run_callbacks.CheckpointError(
+            f"--resume: {config.run_dir} holds a previous run but {checkpoint_dir} has no readable "
+            f"checkpoint index (the 'checkpoint' file is missing or corrupt). Nothing was changed."
+        )
 
 
 def train(config, strategy=None):
@@ -140,9 +147,10 @@ def train(config, strategy=None):
     spec = dataset_spec(config.dataset)
     run_dir = config.run_dir
     checkpoint_dir = os.path.join(run_dir, "checkpoints")
-    _prepare_run_dir(config, checkpoint_dir)
+    _check_run_dir(config, checkpoint_dir)
 
     train_data, validation_data, probe_data, steps_per_epoch = build_datasets(config, spec)
+    os.makedirs(run_dir, exist_ok=True)
     with strategy.scope():
         classifier = build_classifier(config, spec)
         trainer = build_trainer(config, classifier)
@@ -177,7 +185,6 @@ def train(config, strategy=None):
     callbacks += [
         run_callbacks.NonFiniteLossGuard(checkpoint_dir),
         metrics_writer,
-        keras.callbacks.CSVLogger(os.path.join(run_dir, "metrics.csv"), append=first_epoch > 0),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), update_freq="epoch"),
         checkpoint,
     ]

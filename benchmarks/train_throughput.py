@@ -20,7 +20,9 @@ process; after `--warmup` untimed steps each (tracing/compilation), `--repeats` 
 each round every entry runs one step in turn, `--steps` times (the order is reversed every other
 round). Every entry thus gets `steps * repeats` timed steps spread over the whole run; the table
 shows medians. Ratios are ratios of medians; the "paired" range is the min/max over the ratios of
-steps run back to back, which cancels slow changes of the machine's load.
+steps run back to back, which cancels slow changes of the machine's load. The process' CPU time
+per step (all its threads) is reported too: other processes' load inflates wall time much more
+than it inflates our CPU time, so the CPU-time ratio is a useful cross-check on a busy machine.
 
 Memory: `tf.config.experimental.get_memory_info("CPU:0")` (TF's CPU allocator). Before each timed
 step the peak is reset; "peak memory" = the entry's resident state (its variables: model, both BN
@@ -125,6 +127,7 @@ class Entry:
         self.description = description
         self.warmup_seconds = []
         self.seconds = []
+        self.cpu_seconds = []
         self.transient_bytes = 0
 
 
@@ -210,12 +213,12 @@ def make_pgd_core_entry(args, images, labels):
 def timed_step(entry):
     tf.config.experimental.reset_memory_stats("CPU:0")
     before = tf.config.experimental.get_memory_info("CPU:0")["current"]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     entry.step()
-    seconds = time.perf_counter() - start
+    entry.seconds.append(time.perf_counter() - start)
+    entry.cpu_seconds.append(time.process_time() - cpu_start)
     peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
     entry.transient_bytes = max(entry.transient_bytes, peak - before)
-    return seconds
 
 
 def memory_info_works():
@@ -272,9 +275,9 @@ def main(argv=None):
         order = entries if round_index % 2 == 0 else entries[::-1]
         for step_index in range(args.steps):
             for entry in order:
-                entry.seconds.append(timed_step(entry))
+                timed_step(entry)
                 log(f"round {round_index + 1} step {step_index + 1} {entry.name}: "
-                    f"{entry.seconds[-1]:.3f}s")
+                    f"{entry.seconds[-1]:.3f}s wall, {entry.cpu_seconds[-1]:.3f}s CPU")
     total_seconds = time.perf_counter() - run_start
     load_after = os.getloadavg()
 
@@ -282,6 +285,7 @@ def main(argv=None):
     pgd = by_name.get("pgd_at")
     reference = by_name[REFERENCE]
     medians = {entry.name: median(entry.seconds) for entry in entries}
+    cpu_medians = {entry.name: median(entry.cpu_seconds) for entry in entries}
 
     def ratio(a, b):
         return medians[a.name] / medians[b.name] if a is not None and b is not None else None
@@ -296,7 +300,9 @@ def main(argv=None):
             vs_pgd_at=ratio(entry, pgd), vs_reference=ratio(entry, reference),
             peak_memory_mib=(entry.state_bytes + entry.transient_bytes) / MIB,
             state_mib=entry.state_bytes / MIB, step_transient_mib=entry.transient_bytes / MIB,
-            seconds=entry.seconds, warmup_seconds=entry.warmup_seconds,
+            median_cpu_seconds=cpu_medians[entry.name],
+            seconds=entry.seconds, cpu_seconds=entry.cpu_seconds,
+            warmup_seconds=entry.warmup_seconds,
         ))
 
     info = dict(
@@ -314,14 +320,16 @@ def main(argv=None):
 
     print(f"\n## Train-step throughput: ResNet-{args.depth} width {args.width}, batch {args.batch_size}, "
           f"PGD-{args.attack_steps}, jit_compile={args.jit_compile}\n")
-    print("| method | s/step (median) | images/s | x PGD-AT | x (11 fwd+bwd) | peak memory |")
-    print("|---|---|---|---|---|---|")
+    print("| method | s/step (median) | images/s | x PGD-AT | x (11 fwd+bwd) | peak memory "
+          "| process CPU s/step |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['name']} | {row['median_seconds']:.3f} "
               f"(min {row['min_seconds']:.3f}, max {row['max_seconds']:.3f}) "
               f"| {row['images_per_second']:.1f} | {fmt_ratio(row['vs_pgd_at'])} "
               f"| {fmt_ratio(row['vs_reference'])} | {row['peak_memory_mib']:.0f} MiB "
-              f"({row['state_mib']:.0f} state + {row['step_transient_mib']:.0f} step) |")
+              f"({row['state_mib']:.0f} state + {row['step_transient_mib']:.0f} step) "
+              f"| {row['median_cpu_seconds']:.3f} |")
     print()
     checks = {}
     arat = by_name.get("arat")
@@ -333,10 +341,12 @@ def main(argv=None):
         value = ratio(numerator, denominator)
         paired = paired_ratios(numerator, denominator)
         verdict = "OK" if value <= 1.15 else "MISSED"
+        cpu_value = cpu_medians[numerator.name] / cpu_medians[denominator.name]
         checks[label] = dict(ratio=value, paired_min=min(paired), paired_max=max(paired),
-                             target=1.15, met=value <= 1.15)
+                             cpu_time_ratio=cpu_value, target=1.15, met=value <= 1.15)
         print(f"{label} step time = {value:.3f} (target <= 1.15) {verdict}  "
-              f"[paired back-to-back ratios {min(paired):.3f}..{max(paired):.3f}, n={len(paired)}]")
+              f"[paired back-to-back ratios {min(paired):.3f}..{max(paired):.3f}, n={len(paired)}; "
+              f"process-CPU-time ratio {cpu_value:.3f}]")
     print()
     print(f"Machine: {info['cpu_count']} CPUs ({info['cpus_usable']} usable, {info['cpu']}), "
           f"Python {info['python']}, TF {info['tensorflow']}, Keras {info['keras']}, "

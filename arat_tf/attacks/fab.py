@@ -148,7 +148,7 @@ def project_linf_hyperplane_box(point, w, b):
     return tf.reshape(z, tf.shape(point))
 
 
-def _check_positive_int(name, value, minimum):
+def _check_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
@@ -265,9 +265,9 @@ def fab_targeted(forward, x, labels, *, eps, steps=100, num_target_classes=9, al
       >>> robust_accuracy = 1.0 - tf.reduce_mean(tf.cast(success, tf.float32))
     """
     _check_real("eps", eps, 0.0, float("inf"))
-    _check_positive_int("steps", steps, 0)
-    _check_positive_int("num_target_classes", num_target_classes, 1)
-    _check_positive_int("restarts", restarts, 1)
+    _check_int("steps", steps, 0)
+    _check_int("num_target_classes", num_target_classes, 1)
+    _check_int("restarts", restarts, 1)
     _check_real("alpha_max", alpha_max, 0.0, 1.0)
     _check_real("eta", eta, 0.0, float("inf"), low_open=True)
     _check_real("beta", beta, 0.0, 1.0)

@@ -39,7 +39,7 @@ def square_p_schedule(iteration, n_queries, p_init=0.8):
       p, a float32 scalar tensor.
 
     Example:
-      >>> float(square_p_schedule(100, 5000))  # it = 200: halved twice
+      >>> round(float(square_p_schedule(100, 5000)), 6)  # it = 200: p_init halved twice
       0.2
     """
     scaled = tf.cast(iteration, tf.float64) / tf.cast(n_queries, tf.float64) * 10000.0
