@@ -12,7 +12,8 @@ gradient w.r.t. the INPUT and ALL trainable variables (the sums of the weight gr
 accumulated so nothing is pruned) and moves the input by a sign step: the theoretical cost of a
 PGD-10 training step (10 attack passes + 1 update pass), with no optimizer or metrics. It is an
 upper bound of a PGD-10 step's essential work: attack passes need no weight gradients.
-`--pgd_core` adds "PGD-10 core": the library's own training attack (inference-mode BN, as PGD-AT)
+`--arat_ablations` adds ARAT with the community's inference-mode attack BN and ARAT without
+predictors, to locate ARAT's extra cost. `--pgd_core` adds "PGD-10 core": the library's own training attack (inference-mode BN, as PGD-AT)
 + 1 training-mode fwd/bwd for the weight gradients, without optimizer, metrics or the clean pass.
 
 Timing protocol (the machine is shared, absolute numbers are noisy): all entries live in one
@@ -62,6 +63,10 @@ PGD_CORE = "PGD-10 core"
 DATASET = "cifar10"
 CIFAR10_TRAIN_SIZE = 50_000
 MIB = 1024 * 1024
+ARAT_ABLATIONS = {
+    "arat [attack_bn_mode=inference]": dict(attack_bn_mode="inference"),
+    "arat [use_predictor=False]": dict(use_predictor=False),
+}
 
 
 def parse_args(argv=None):
@@ -83,6 +88,9 @@ def parse_args(argv=None):
                         help="Compile the train steps (and the references) with XLA.")
     parser.add_argument("--pgd_core", action=argparse.BooleanOptionalAction, default=False,
                         help="Also time 'PGD-10 core': the training attack + 1 fwd/bwd, no optimizer/metrics.")
+    parser.add_argument("--arat_ablations", action=argparse.BooleanOptionalAction, default=False,
+                        help="Also time ARAT with attack_bn_mode=inference and with use_predictor=False "
+                             "(config ablations locating ARAT's extra cost).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the weights and of the fixed batch.")
     parser.add_argument("--json_out", default="", help="Optional path of a JSON report.")
     args = parser.parse_args(argv)
@@ -104,11 +112,11 @@ def log(message):
     print(message, file=sys.stderr, flush=True)
 
 
-def train_config(args, method):
+def train_config(args, method, **overrides):
     return TrainConfig(
         method=method, model="resnet", depth=args.depth, width=args.width,
         batch_size=args.batch_size, attack_steps=args.attack_steps, jit_compile=args.jit_compile,
-        dataset=DATASET, seed=args.seed, verbose=0, run_dir="benchmark-unused",
+        dataset=DATASET, seed=args.seed, verbose=0, run_dir="benchmark-unused", **overrides,
     ).resolve()
 
 
@@ -131,8 +139,8 @@ class Entry:
         self.transient_bytes = 0
 
 
-def make_method_entry(args, method, images, labels):
-    config = train_config(args, method)
+def make_method_entry(args, method, images, labels, name=None, **overrides):
+    config = train_config(args, method, **overrides)
     spec = dataset_spec(config.dataset)
     classifier = build_classifier(config, spec)
     trainer = build_trainer(config, classifier)
@@ -150,7 +158,7 @@ def make_method_entry(args, method, images, labels):
     state = variables_bytes(list(trainer.variables) + list(trainer.optimizer.variables))
     description = (f"{type(trainer).__name__}, bn_mode={config.bn_mode}, "
                    f"attack_bn_mode={config.attack_bn_mode}, attack_start={config.attack_start}")
-    return Entry(method, step, state, description)
+    return Entry(name or method, step, state, description)
 
 
 def make_reference_entry(args, images, labels, passes=11):
@@ -259,6 +267,10 @@ def main(argv=None):
     for method in args.methods:
         log(f"building {method} ...")
         entries.append(make_method_entry(args, method, images, labels))
+    if args.arat_ablations:
+        for name, overrides in ARAT_ABLATIONS.items():
+            log(f"building {name} ...")
+            entries.append(make_method_entry(args, "arat", images, labels, name=name, **overrides))
     log(f"building {REFERENCE} reference ...")
     entries.append(make_reference_entry(args, images, labels))
     if args.pgd_core:

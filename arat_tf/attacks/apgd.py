@@ -15,11 +15,11 @@ An attack takes `forward(x) -> logits` (see `make_forward`) and float inputs in 
 """
 
 import numbers
-import weakref
 
 import tensorflow as tf
 
 from arat_tf.attacks import dlr, losses, parts
+from arat_tf.attacks.graph_mode import compiled_for
 
 APGD_LOSSES = ("ce", "dlr", "dlr_targeted")
 
@@ -247,24 +247,12 @@ def _build_logits(forward_ref):
     return logits
 
 
-# forward -> {key: tf.function}. Weak keys, and the functions hold the forward only weakly, so a
-# forward (and the model it closes over) is freed together with its compiled functions.
-_CACHE = weakref.WeakKeyDictionary()
-
-
 def _compiled(forward, key):
     """The `tf.function` for `key` ("logits" or ("run", norm, loss)) bound to `forward`, cached."""
-    try:
-        per_forward = _CACHE.setdefault(forward, {})
-    except TypeError:  # not weak-referenceable or not hashable: compile for this call only
-        per_forward = {}
-        holder = forward
-        forward_ref = lambda: holder  # noqa: E731
-    else:
-        forward_ref = weakref.ref(forward)
-    if key not in per_forward:
-        per_forward[key] = _build_logits(forward_ref) if key == "logits" else _build_run(forward_ref, *key[1:])
-    return per_forward[key]
+    return compiled_for(
+        forward, ("apgd", key),
+        lambda forward_ref: _build_logits(forward_ref) if key == "logits" else _build_run(forward_ref, *key[1:]),
+    )
 
 
 # Shared driver.

@@ -1,11 +1,13 @@
 """The iterative attack loop and the PGD, FGSM and TRADES attacks built from it."""
 
 import dataclasses
+import functools
 import numbers
 
 import tensorflow as tf
 
 from arat_tf.attacks import losses, parts
+from arat_tf.attacks.graph_mode import compiled_for
 
 STARTS = ("uniform", "gaussian", "zero")
 
@@ -47,7 +49,8 @@ def iterative_attack(forward, x, target, *, loss_fn, start_fn, step_fn, project_
       push small gradients below float precision or the 1e-12 floor of the l2 step.
     * The loop is a `tf.while_loop`. Inside `tf.function` (e.g. a Keras `train_step`) it is one
       graph loop whose size does not grow with `steps`, so tracing stays fast for 50-step
-      evaluation attacks; eagerly it simply runs as a Python loop.
+      evaluation attacks. Called eagerly, the attack runs as a `tf.function` compiled once per
+      `forward` and attack parts (see `graph_mode`): reuse one `forward` across batches.
     * The result goes through `tf.stop_gradient`: the attack solves the inner maximisation and
       training treats its result as a fixed input (Danskin's theorem), so an enclosing tape
       must not backpropagate through the attack loop.
@@ -87,6 +90,24 @@ def iterative_attack(forward, x, target, *, loss_fn, start_fn, step_fn, project_
         raise ValueError(f"x must be a float tensor scaled to [0, 1], got dtype {x.dtype.name}")
     eps = tf.cast(eps, x.dtype)
     step_size = tf.cast(step_size, x.dtype)
+    if tf.executing_eagerly():
+        parts_key = ("iterative_attack", loss_fn, start_fn, step_fn, project_fn)
+        compiled = compiled_for(forward, parts_key, functools.partial(
+            _compile_loop, loss_fn=loss_fn, start_fn=start_fn, step_fn=step_fn, project_fn=project_fn))
+        return compiled(x, target, eps, step_size, tf.constant(steps, tf.int32))
+    return _attack_loop(forward, x, target, loss_fn, start_fn, step_fn, project_fn, eps, step_size, steps)
+
+
+def _compile_loop(forward_ref, *, loss_fn, start_fn, step_fn, project_fn):
+    @tf.function(reduce_retracing=True)
+    def run(x, target, eps, step_size, steps):
+        return _attack_loop(forward_ref(), x, target, loss_fn, start_fn, step_fn, project_fn,
+                            eps, step_size, steps)
+
+    return run
+
+
+def _attack_loop(forward, x, target, loss_fn, start_fn, step_fn, project_fn, eps, step_size, steps):
     x_start = project_fn(start_fn(x, eps), x, eps)
 
     def cond(k, x_k):

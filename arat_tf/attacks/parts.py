@@ -11,6 +11,8 @@ All parts act per example (the first axis is the batch) and work on any input ra
 inside `tf.function`.
 """
 
+import functools
+
 import tensorflow as tf
 
 NORMS = ("linf", "l2")
@@ -29,6 +31,7 @@ def _check_norm(norm):
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
+@functools.lru_cache(maxsize=None)
 def uniform_start(norm):
     """A start drawn uniformly from the eps ball of the given norm.
 
@@ -62,6 +65,7 @@ def uniform_start(norm):
     return linf_start if norm == "linf" else l2_start
 
 
+@functools.lru_cache(maxsize=None)
 def gaussian_start(stddev=0.001):
     """A start `x + stddev * N(0, 1)`, the small random start of TRADES and MART.
 
@@ -82,6 +86,7 @@ def gaussian_start(stddev=0.001):
     return start
 
 
+@functools.lru_cache(maxsize=None)
 def zero_start():
     """A start at `x` itself: deterministic, as in FGSM and reproducible evaluations.
 

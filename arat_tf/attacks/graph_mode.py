@@ -1,0 +1,38 @@
+"""Attacks called eagerly run as compiled graphs, cached per `forward`.
+
+Two reasons not to run an attack loop eagerly: speed (a graph loop is one call per attack instead of
+one Python round trip per step), and a oneDNN defect of TensorFlow 2.20's CPU build that corrupts
+memory ("double free or corruption") when eager gradient loops see varying batch sizes. Graphs are
+unaffected, so every attack that is called outside a `tf.function` compiles itself here.
+"""
+
+import weakref
+
+# forward -> {key: tf.function}. Weak keys, and the functions hold the forward only weakly, so a
+# forward (and the model it closes over) is freed together with its compiled functions.
+_CACHE = weakref.WeakKeyDictionary()
+
+
+def compiled_for(forward, key, build):
+    """The compiled function `build(forward_ref)` for (`forward`, `key`), built once and cached.
+
+    Args:
+        forward: the attack's `x -> logits` callable (the cache key, held weakly).
+        key: hashable description of everything else the compiled function depends on.
+        build: `forward_ref -> tf.function`; it must call `forward_ref()` to reach the forward,
+            never close over `forward` itself (that would keep it alive forever).
+
+    Returns:
+        The cached `tf.function`.
+    """
+    try:
+        per_forward = _CACHE.setdefault(forward, {})
+    except TypeError:  # not weak-referenceable or not hashable: compile for this call only
+        per_forward = {}
+        holder = forward
+        forward_ref = lambda: holder  # noqa: E731
+    else:
+        forward_ref = weakref.ref(forward)
+    if key not in per_forward:
+        per_forward[key] = build(forward_ref)
+    return per_forward[key]
