@@ -1,6 +1,6 @@
 """`python -m arat_tf.export --run_dir runs/x [--export_dir serving/x] [--branch adv] [--version N]`
 
-Exports a trained run's classifier as a TensorFlow SavedModel for TF Serving (see `arat_tf.serving`):
+Exports a trained run's classifier as a TensorFlow SavedModel for TF Serving (`arat_tf.serving`):
 one BN branch baked in (default "adv", the branch ARAT reports), written atomically to
 `<export_dir>/versions/<N>/` with a `model_card.json` built from the run's `config.json` and
 `evaluation.json` (when the robust evaluation was run). Serve it with
@@ -25,7 +25,7 @@ FLAGS = flags.FLAGS
 
 
 def _read_json(path, what):
-    """The JSON object at `path`, None if the file does not exist; exits cleanly if it is corrupt."""
+    """The JSON object at `path`; None if there is no such file; a clean exit if it is corrupt."""
     if not os.path.exists(path):
         return None
     try:

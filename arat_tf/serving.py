@@ -12,8 +12,8 @@
         ...
 
 One BN branch is baked in ("adv" by default: the branch ARAT reports), in inference mode:
-`classifier(x, training=False, branch=branch)`. The other branch's BN variables are not saved, nor is
-anything else the classifier might hold beyond what the exported functions read.
+`classifier(x, training=False, branch=branch)`. The other branch's BN variables are not saved,
+nor is anything else the classifier might hold beyond what the exported functions read.
 
 Signatures:
 
@@ -22,9 +22,9 @@ Signatures:
 | `serving_default` | float32 `[batch, H, W, C]` in [0, 1] | `logits` float32 `[batch, K]`, `probabilities` (softmax), `class_id` int64 (argmax) |
 | `serving_uint8` | uint8 `[batch, H, W, C]` in 0-255 (divided by 255) | the same |
 
-An image of another shape is rejected at run time with "Shape of tensor image [...] is not compatible
-with expected shape [?, H, W, C]" (the graph checks it: TF Serving does not), another dtype with an
-error naming the expected and received dtypes.
+An image of another shape is rejected at run time with "Shape of tensor image [...] is not
+compatible with expected shape [?, H, W, C]" (the graph checks it: TF Serving does not), another
+dtype with an error naming the expected and received dtypes.
 
 Example:
 
@@ -37,6 +37,7 @@ Example:
 
 import datetime
 import json
+import numbers
 import os
 import re
 import shutil
@@ -102,9 +103,9 @@ def _check_classifier_and_branch(classifier, branch):
 def _check_version(version):
     if version is None:
         return None
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+    if isinstance(version, bool) or not isinstance(version, numbers.Integral) or version < 1:
         raise ValueError(f"version must be an integer >= 1, received version={version!r}.")
-    return version
+    return int(version)
 
 
 def serving_functions(classifier, branch="adv"):
@@ -118,9 +119,12 @@ def serving_functions(classifier, branch="adv"):
     height, width, channels = classifier.image_shape
     expected_shape = [None, height, width, channels]
 
+    def checked(image):
+        # TF Serving feeds tensors without checking them against the signature (and a wrong rank
+        # would crash the convolution kernels): check in the graph, with the input's name.
+        return tf.ensure_shape(image, expected_shape)
+
     def outputs(images):
-        # TF Serving feeds tensors without checking them against the signature: check in the graph.
-        images = tf.ensure_shape(images, expected_shape)
         logits = tf.cast(classifier(images, training=False, branch=branch), tf.float32)
         return {
             "logits": tf.identity(logits, name="logits"),
@@ -130,11 +134,11 @@ def serving_functions(classifier, branch="adv"):
 
     @tf.function(input_signature=[tf.TensorSpec(expected_shape, tf.float32, name=INPUT_KEY)])
     def serve_float(image):
-        return outputs(image)
+        return outputs(checked(image))
 
     @tf.function(input_signature=[tf.TensorSpec(expected_shape, tf.uint8, name=INPUT_KEY)])
     def serve_uint8(image):
-        images = tf.cast(tf.ensure_shape(image, expected_shape), tf.float32) / 255.0
+        images = tf.cast(checked(image), tf.float32) / 255.0
         return outputs(images)
 
     return {FLOAT_SIGNATURE: serve_float, UINT8_SIGNATURE: serve_uint8}
@@ -149,7 +153,11 @@ def _variable_tree(classifier, concrete_functions):
     """
     by_id = {}
     for variable in classifier.variables:
-        by_id.setdefault(id(variable.value), variable.path)
+        value = variable.value
+        by_id.setdefault(id(value), variable.path)
+        # Under a tf.distribute strategy the functions read the per-replica components.
+        for component in getattr(value, "values", None) or ():
+            by_id.setdefault(id(component), variable.path)
     used, seen = [], set()
     for function in concrete_functions:
         for variable in function.variables:
@@ -166,6 +174,9 @@ def _variable_tree(classifier, concrete_functions):
         node = tree
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):  # a variable where a layer was expected: store flat
+                node, parts = tree, [path.replace("/", "|")]
+                break
         node[parts[-1]] = variable
     return tree, len(used)
 
@@ -174,7 +185,8 @@ def build_serving_module(classifier, branch="adv"):
     """A `tf.Module` holding the serving functions and exactly the variables they read.
 
     Returns:
-        `(module, signatures)`: save with `tf.saved_model.save(module, path, signatures=signatures)`.
+        `(module, signatures)`, to save with
+        `tf.saved_model.save(module, path, signatures=signatures)`.
     """
     functions = serving_functions(classifier, branch)
     signatures = {name: function.get_concrete_function() for name, function in functions.items()}
@@ -359,28 +371,42 @@ def build_model_card(classifier, *, branch, model_path=None, config=None, evalua
             "are unknown."
         )
     else:
+        matching = _evaluation_of_branch(evaluation, branch)
+        report = matching or evaluation
         evaluation_record = {
-            key: evaluation.get(key)
+            key: report.get(key)
             for key in ("dataset", "split", "n_examples", "branch", "norm", "eps", "suite",
                         "clean_accuracy", "robust_accuracy", "attacks", "warnings", "seed",
                         "created", "model")
         }
-        attack_suite = evaluation.get("suite")
-        evaluated_branch = evaluation.get("branch", branch)
-        if evaluated_branch == branch:
-            clean_accuracy = evaluation.get("clean_accuracy")
-            robust_accuracy = evaluation.get("robust_accuracy")
+        variants = [v for v in evaluation.get("variants") or [] if isinstance(v, dict)]
+        if variants:
+            evaluation_record["variants"] = [
+                {key: v.get(key) for key in ("variant", "branch", "clean_accuracy",
+                                             "robust_accuracy")}
+                for v in variants
+            ]
+        attack_suite = report.get("suite")
+        if matching is not None:
+            clean_accuracy = matching.get("clean_accuracy")
+            robust_accuracy = matching.get("robust_accuracy")
         else:
+            evaluated = sorted({str(r.get("branch")) for r in [evaluation] + variants})
+            noun = "branch" if len(evaluated) == 1 else "branches"
             notes.append(
-                f"evaluation.json evaluated the {evaluated_branch} branch, not the exported {branch} "
-                "branch: its accuracies (kept under 'evaluation') do not describe this export."
+                f"evaluation.json evaluated the {' and '.join(evaluated)} {noun}, not the exported "
+                f"{branch} branch: its accuracies (kept under 'evaluation') do not describe this "
+                "export."
             )
+        evaluation = report
         evaluated_model = evaluation.get("model")
         if evaluated_model and model_path:
             candidates = {os.path.realpath(evaluated_model)}
             if run_dir:
                 candidates.add(os.path.realpath(os.path.join(run_dir, evaluated_model)))
-                candidates.add(os.path.realpath(os.path.join(run_dir, os.path.basename(evaluated_model))))
+                candidates.add(
+                    os.path.realpath(os.path.join(run_dir, os.path.basename(evaluated_model)))
+                )
             if os.path.realpath(model_path) not in candidates:
                 notes.append(
                     f"evaluation.json describes the model {evaluated_model}, the export comes from "
@@ -418,6 +444,21 @@ def build_model_card(classifier, *, branch, model_path=None, config=None, evalua
     card["serving"] = basic["serving"]
     card["arat_tf_version"] = __version__
     return card
+
+
+def _evaluation_of_branch(evaluation, branch):
+    """The report of `evaluation.json` on `branch` itself (not an affine-swap variant), or None.
+
+    The evaluator writes the first report at the top level and, with several branches or
+    variants, every report under "variants"; a report without a "branch" key is taken to be of
+    the exported branch.
+    """
+    reports = [evaluation] + [v for v in evaluation.get("variants") or [] if isinstance(v, dict)]
+    for report in reports:
+        if (report.get("branch", branch) == branch
+                and report.get("variant", f"branch={branch}") == f"branch={branch}"):
+            return report
+    return None
 
 
 def _close(a, b):

@@ -13,8 +13,9 @@ accumulated so nothing is pruned) and moves the input by a sign step: the theore
 PGD-10 training step (10 attack passes + 1 update pass), with no optimizer or metrics. It is an
 upper bound of a PGD-10 step's essential work: attack passes need no weight gradients.
 `--arat_ablations` adds ARAT with the community's inference-mode attack BN and ARAT without
-predictors, to locate ARAT's extra cost. `--pgd_core` adds "PGD-10 core": the library's own training attack (inference-mode BN, as PGD-AT)
-+ 1 training-mode fwd/bwd for the weight gradients, without optimizer, metrics or the clean pass.
+predictors, to locate ARAT's extra cost. `--pgd_core` adds "PGD-10 core": the library's own
+training attack (inference-mode BN, as PGD-AT) + 1 training-mode fwd/bwd for the weight gradients,
+without optimizer, metrics or the clean-accuracy pass.
 
 Timing protocol (the machine is shared, absolute numbers are noisy): all entries live in one
 process; after `--warmup` untimed steps each (tracing/compilation), `--repeats` rounds run, and in

@@ -309,9 +309,21 @@ def test_model_card_without_evaluation_or_for_another_branch(exported):
     assert card["evaluation"]["robust_accuracy"] == 0.45
     assert any("clean branch, not the exported adv branch" in n for n in card["notes"])
 
-
-def run_export_cli(*args):
-    return run_export_clis(args)[0]
+    # `--branch all` of the evaluator: the adv report on top, every report under "variants".
+    adv_report = dict(EVALUATION, variant="branch=adv")
+    clean_report = dict(EVALUATION, branch="clean", variant="branch=clean", clean_accuracy=0.9,
+                        robust_accuracy=0.1)
+    swapped = dict(EVALUATION, branch="clean", variant="statistics=clean,affine=adv",
+                   robust_accuracy=0.2)
+    both = dict(adv_report, variants=[adv_report, clean_report, swapped])
+    card = serving.build_model_card(model, branch="clean", evaluation=both)
+    assert (card["clean_accuracy"], card["robust_accuracy"]) == (0.9, 0.1)
+    assert card["evaluation"]["branch"] == "clean"
+    assert [v["variant"] for v in card["evaluation"]["variants"]] == [
+        "branch=adv", "branch=clean", "statistics=clean,affine=adv"]
+    card = serving.build_model_card(model, branch="adv", evaluation=both)
+    assert (card["clean_accuracy"], card["robust_accuracy"]) == (0.81, 0.45)
+    json.dumps(card)
 
 
 def run_export_clis(*arg_lists):
@@ -325,7 +337,9 @@ def run_export_clis(*arg_lists):
     results = []
     for args, process in zip(arg_lists, processes):
         stdout, stderr = process.communicate(timeout=300)
-        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+        results.append(
+            subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+        )
     return results
 
 
@@ -372,20 +386,26 @@ def test_cli_exports_a_run_with_its_evaluation(exported, tmp_path):
     assert card["evaluation"]["robust_accuracy"] == 0.45
     assert "note: evaluation.json evaluated the adv branch" in clean_result.stdout
     assert not [k for k in _checkpoint_keys(str(other / "versions" / "7")) if "adv_" in k]
-    # Refuses to overwrite version 7.
-    result = run_export_cli(f"--run_dir={run_dir}", f"--export_dir={other}", "--version=7")
-    assert result.returncode != 0
-    assert "error: version 7 already exists" in result.stderr
 
 
-def test_cli_missing_or_corrupt_model_exits_cleanly(tmp_path):
+def test_cli_errors_exit_cleanly_without_writing(exported, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     corrupt = tmp_path / "corrupt.keras"
     corrupt.write_bytes(b"not a zip file")
-    missing_result, result = run_export_clis(
-        [f"--run_dir={run_dir}"], [f"--run_dir={run_dir}", f"--model={corrupt}"]
+    existing = tmp_path / "existing"
+    (existing / "versions" / "3").mkdir(parents=True)
+    (existing / "versions" / "3" / "saved_model.pb").write_bytes(b"served")
+    missing_result, result, overwrite_result = run_export_clis(
+        [f"--run_dir={run_dir}"],
+        [f"--run_dir={run_dir}", f"--model={corrupt}"],
+        [f"--model={exported['model_path']}", f"--export_dir={existing}", "--version=3"],
     )
+    assert overwrite_result.returncode != 0
+    assert "error: version 3 already exists" in overwrite_result.stderr
+    assert (existing / "versions" / "3" / "saved_model.pb").read_bytes() == b"served"
+    assert os.listdir(existing / "versions") == ["3"]
+
     assert missing_result.returncode != 0
     assert f"error: model file not found: {run_dir / 'model.keras'}" in missing_result.stderr
     assert "Traceback" not in missing_result.stderr

@@ -61,7 +61,8 @@ class CrossBatchNormalization(keras.layers.Layer):
                 source = clean if self.statistics_from == "clean" else adv
             mean, variance, count = bs.batch_moments(source, self.synchronized)
             bs.update_moving_statistics(
-                self.moving_mean, self.moving_variance, mean, variance, count, self.momentum
+                self.moving_mean, self.moving_variance, mean, bs.unbiased(variance, count),
+                self.momentum,
             )
         else:
             mean, variance = self.moving_mean, self.moving_variance

@@ -99,39 +99,46 @@ class SplitBatchNormalization(keras.layers.Layer):
         key = self._affine_key(branch)
         return getattr(self, f"{key}_gamma"), getattr(self, f"{key}_beta")
 
-    def _statistics(self, inputs, branch, training):
+    def _normalize_branch(self, inputs, branch, training):
+        """One branch's batch, with its own batch statistics (training) or moving statistics."""
+        gamma, beta = self.affine_parameters(branch)
         moving_mean, moving_variance = self.moving_statistics(branch)
         if not training:
-            return moving_mean, moving_variance
-        mean, variance, count = bs.batch_moments(inputs, self.synchronized)
-        bs.update_moving_statistics(
-            moving_mean, moving_variance, mean, variance, count, self.momentum
+            return bs.normalize(inputs, moving_mean, moving_variance, gamma, beta, self.epsilon)
+        outputs, mean, variance = bs.normalize_in_training(
+            inputs, gamma, beta, self.epsilon, self.synchronized
         )
-        return mean, variance
+        bs.update_moving_statistics(moving_mean, moving_variance, mean, variance, self.momentum)
+        return outputs
 
-    def _normalize_branch(self, inputs, branch, mean, variance):
-        gamma, beta = self.affine_parameters(branch)
-        return bs.normalize(inputs, mean, variance, gamma, beta, self.epsilon)
+    def _normalize_mixed_with_shared_statistics(self, inputs):
+        """A training-mode mixed batch normalised with the statistics of the whole batch, each
+        half then scaled by its own branch's affine parameters."""
+        channels = inputs.shape[-1]
+        normalized, mean, variance = bs.normalize_in_training(
+            inputs, tf.ones([channels]), tf.zeros([channels]), self.epsilon, self.synchronized
+        )
+        bs.update_moving_statistics(*self.moving_statistics("adv"), mean, variance, self.momentum)
+        halves = bs.split_mixed_batch(normalized)
+        return tf.concat(
+            [half * gamma + beta
+             for half, (gamma, beta) in zip(halves, map(self.affine_parameters, ("adv", "clean")))],
+            axis=0,
+        )
 
     def call(self, inputs, training=None, branch="adv"):
         bs.check_branch(branch)
         training = bool(training) and self.trainable
         inputs = tf.cast(inputs, "float32")
         if branch != bs.MIXED:
-            mean, variance = self._statistics(inputs, branch, training)
-            outputs = self._normalize_branch(inputs, branch, mean, variance)
+            outputs = self._normalize_branch(inputs, branch, training)
+        elif training and not self.split_statistics:
+            outputs = self._normalize_mixed_with_shared_statistics(inputs)
         else:
             adv, clean = bs.split_mixed_batch(inputs)
-            if self.split_statistics:
-                adv_moments = self._statistics(adv, "adv", training)
-                clean_moments = self._statistics(clean, "clean", training)
-            else:
-                adv_moments = clean_moments = self._statistics(inputs, "adv", training)
             outputs = tf.concat(
-                [
-                    self._normalize_branch(adv, "adv", *adv_moments),
-                    self._normalize_branch(clean, "clean", *clean_moments),
-                ],
+                [self._normalize_branch(adv, "adv", training),
+                 self._normalize_branch(clean, "clean", training)],
                 axis=0,
             )
         return tf.cast(outputs, self.compute_dtype)

@@ -16,8 +16,8 @@ def mean_cross_entropy(logits, labels):
 
 def split_halves(tensor):
     """`[adv; clean]` -> `(adv, clean)` for the outputs of a mixed-batch call."""
-    half = tf.shape(tensor)[0] // 2
-    return tensor[:half], tensor[half:]
+    adv, clean = tf.split(tensor, 2, axis=0)  # not slicing: see batch_statistics.split_mixed_batch
+    return adv, clean
 
 
 class AdversarialTrainer(keras.Model):
