@@ -35,10 +35,13 @@ subprocess, see below), after an untimed warm-up of each (tracing, Keras' first 
 Process CPU seconds are shown too: other processes' load inflates wall time more than CPU time.
 
 oneDNN: TensorFlow 2.20's CPU build has a oneDNN defect that can crash ("double free or
-corruption") eager gradient loops with varying batch sizes. arat-tf's attacks run as graphs; ART's
-`TensorFlowV2Classifier` computes gradients eagerly. `--art_onednn off` runs the ART part in a
-subprocess with TF_ENABLE_ONEDNN_OPTS=0 (the table's oneDNN column says which setting each row
-used). For a like-for-like comparison, run the whole script with TF_ENABLE_ONEDNN_OPTS=0 set.
+corruption", or a segmentation fault) eager gradient loops with varying batch sizes; here ART's
+PGD crashes the process with oneDNN on. arat-tf's attacks run as graphs; ART's
+`TensorFlowV2Classifier` computes gradients eagerly. So by default (`--art_onednn auto`) the ART
+part runs in a subprocess with TF_ENABLE_ONEDNN_OPTS=0 while arat-tf keeps this process' setting
+(the table's oneDNN column says which setting each row used): each framework in the setting it
+runs in. For a like-for-like comparison run the whole script with TF_ENABLE_ONEDNN_OPTS=0 set
+(ART then runs in-process, same setting for both).
 
 Model: random init by default (~10% clean accuracy, so robust accuracy is trivially ~0); prefer
 `--train_epochs 2`, which trains the ResNet with plain SGD on the first `--train_examples` CIFAR-10
@@ -122,9 +125,10 @@ def parse_args(argv=None):
     parser.add_argument("--skip_art", action="store_true", help="Time arat-tf only.")
     parser.add_argument("--art_autoattack", default="standard_like", choices=("standard_like", "default"),
                         help="ART's AutoAttack attack list (see the docstring).")
-    parser.add_argument("--art_onednn", default="inherit", choices=("inherit", "off"),
+    parser.add_argument("--art_onednn", default="auto", choices=("auto", "inherit", "off"),
                         help="'off' runs ART in a subprocess with TF_ENABLE_ONEDNN_OPTS=0; 'inherit' runs it "
-                             "in this process with this process' setting.")
+                             "in this process with this process' setting (with oneDNN on, TF 2.20 may crash); "
+                             "'auto': 'inherit' if oneDNN is already off here, else 'off'.")
     parser.add_argument("--repeats", type=_positive_int, default=1,
                         help="Timed rounds; the frameworks' order alternates per round, medians are shown.")
     parser.add_argument("--no_warmup", action="store_true",
@@ -135,13 +139,17 @@ def parse_args(argv=None):
                              "before the benchmark (0: attack the model as built or loaded).")
     parser.add_argument("--train_examples", type=_positive_int, default=2048, help="Training subset size.")
     parser.add_argument("--train_batch_size", type=_positive_int, default=64, help="Training batch size.")
-    parser.add_argument("--learning_rate", type=float, default=0.05, help="SGD learning rate (momentum 0.9).")
+    parser.add_argument("--learning_rate", type=float, default=0.02, help="SGD learning rate (momentum 0.9).")
     parser.add_argument("--data_dir", default="../shared/datasets/tfds", help="TFDS data dir with cifar10.")
     parser.add_argument("--seed", type=int, default=0, help="Random seed (model init, training, attacks).")
+    parser.add_argument("--save_model", default=None,
+                        help="Save the (trained) model here as .keras, to rerun on it with --model_path.")
     parser.add_argument("--json_out", default=None, help="Also write the results as JSON here.")
     # Internal: the ART subprocess of --art_onednn off.
     parser.add_argument("--_art_worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.art_onednn == "auto":
+        args.art_onednn = "inherit" if _onednn_setting() == "off" else "off"
     if not args.width > 0:
         parser.error(f"--width must be > 0, got {args.width}")
     if args.train_epochs and args.model_path:
@@ -174,13 +182,17 @@ def build_or_load_model(args):
 
 
 def train_briefly(model, args):
-    """Plain SGD (no attack) for `args.train_epochs` epochs on the first `args.train_examples` images."""
+    """Plain SGD (no attack) for `args.train_epochs` epochs on the first `args.train_examples` images.
+
+    No augmentation (pointless for a few epochs), seeded shuffling: the model is reproducible enough
+    that two runs with the same flags attack (nearly) the same model.
+    """
     import keras
 
     from arat_tf.data import make_train_dataset
 
     data = make_train_dataset(DATASET, batch_size=args.train_batch_size, data_dir=args.data_dir,
-                              subset=args.train_examples, seed=args.seed)
+                              subset=args.train_examples, seed=args.seed, augmentation="none")
     model.compile(optimizer=keras.optimizers.SGD(args.learning_rate, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], jit_compile=False)
@@ -525,6 +537,10 @@ def main(argv=None):
         training = train_briefly(model, args)
         print(f"trained {training['epochs']} epochs of plain SGD on {training['examples']} images in "
               f"{training['seconds']:.0f} s (train accuracy {training['train_accuracy']:.1%})")
+    if args.save_model:
+        os.makedirs(os.path.dirname(os.path.abspath(args.save_model)), exist_ok=True)
+        model.save(args.save_model)
+        print(f"saved the model to {args.save_model}")
     description = (f"model: {args.model_path}" if args.model_path else
                    f"model: ResNet-{args.depth} width {args.width:g}, bn_mode={args.bn_mode}, "
                    f"{model.count_params():,} parameters, "
@@ -597,7 +613,7 @@ def main(argv=None):
         if row["framework"] == "ART" and row["round"] == 0:
             print(f"ART {row['attack']}: {'; '.join(row['art_attack_list'])}; max |delta| "
                   f"{row['max_perturbation']:.5g}, robust acc counting clean errors "
-                  f"{row['robust_accuracy_and_clean']:.2%}")
+                  f"{row['robust_accuracy_and_clean']:.2%}, clean acc in ART's process {row['clean_accuracy']:.2%}")
     end_load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"machine: {info['cpu']}, {info['cores']} cores; load average {info['load_average']} at start, "
           f"{end_load} at end; oneDNN {_onednn_setting()} here"

@@ -35,7 +35,8 @@ def _loss_fn(loss):
     return losses.ATTACK_LOSSES[loss]
 
 
-def iterative_attack(forward, x, target, *, loss_fn, start_fn, step_fn, project_fn, eps, step_size, steps):
+def iterative_attack(forward, x, target, *, loss_fn, start_fn, step_fn, project_fn, eps, step_size, steps,
+                     seed=None):
     """Maximises `loss_fn(forward(x_adv), target)` over the eps ball by projected steepest ascent.
 
     `x_0 = project_fn(start_fn(x, eps), x, eps)`, then `steps` times
@@ -69,6 +70,9 @@ def iterative_attack(forward, x, target, *, loss_fn, start_fn, step_fn, project_
       eps: radius of the threat model's ball, >= 0.
       step_size: size of each step in the attack's norm, >= 0.
       steps: number of ascent steps, an int >= 0 (0 returns the projected start).
+      seed: None (the random start draws from TensorFlow's global random state, as training does)
+        or an int: the start is drawn with stateless random ops, so the same seed gives the same
+        attack in any process (evaluation reproducibility). Starts get it as `seed=`.
 
     Returns:
       The adversarial inputs, same shape and dtype as `x`, with gradients stopped.
@@ -90,25 +94,30 @@ def iterative_attack(forward, x, target, *, loss_fn, start_fn, step_fn, project_
         raise ValueError(f"x must be a float tensor scaled to [0, 1], got dtype {x.dtype.name}")
     eps = tf.cast(eps, x.dtype)
     step_size = tf.cast(step_size, x.dtype)
+    if seed is not None and not tf.is_tensor(seed):
+        seed = tf.constant([int(seed), 0], tf.int64)
     if tf.executing_eagerly():
         parts_key = ("iterative_attack", loss_fn, start_fn, step_fn, project_fn)
         compiled = compiled_for(forward, parts_key, functools.partial(
             _compile_loop, loss_fn=loss_fn, start_fn=start_fn, step_fn=step_fn, project_fn=project_fn))
-        return compiled(x, target, eps, step_size, tf.constant(steps, tf.int32))
-    return _attack_loop(forward, x, target, loss_fn, start_fn, step_fn, project_fn, eps, step_size, steps)
+        return compiled(x, target, eps, step_size, tf.constant(steps, tf.int32), seed)
+    return _attack_loop(forward, x, target, loss_fn, start_fn, step_fn, project_fn, eps, step_size,
+                        steps, seed)
 
 
 def _compile_loop(forward_ref, *, loss_fn, start_fn, step_fn, project_fn):
     @tf.function(reduce_retracing=True)
-    def run(x, target, eps, step_size, steps):
+    def run(x, target, eps, step_size, steps, seed):
         return _attack_loop(forward_ref(), x, target, loss_fn, start_fn, step_fn, project_fn,
-                            eps, step_size, steps)
+                            eps, step_size, steps, seed)
 
     return run
 
 
-def _attack_loop(forward, x, target, loss_fn, start_fn, step_fn, project_fn, eps, step_size, steps):
-    x_start = project_fn(start_fn(x, eps), x, eps)
+def _attack_loop(forward, x, target, loss_fn, start_fn, step_fn, project_fn, eps, step_size, steps,
+                 seed):
+    x_start = start_fn(x, eps) if seed is None else start_fn(x, eps, seed=seed)
+    x_start = project_fn(x_start, x, eps)
 
     def cond(k, x_k):
         del x_k
@@ -126,7 +135,7 @@ def _attack_loop(forward, x, target, loss_fn, start_fn, step_fn, project_fn, eps
     return tf.stop_gradient(x_adv)
 
 
-def pgd_linf(forward, x, labels, *, eps=8 / 255, step_size=2 / 255, steps=10, random_start=True, loss="ce"):
+def pgd_linf(forward, x, labels, *, eps=8 / 255, step_size=2 / 255, steps=10, random_start=True, loss="ce", seed=None):
     """PGD under the linf threat model (Madry et al., 2018).
 
     Args:
@@ -138,6 +147,7 @@ def pgd_linf(forward, x, labels, *, eps=8 / 255, step_size=2 / 255, steps=10, ra
       steps: number of steps.
       random_start: start uniformly in the ball (True) or at `x` (False).
       loss: a key of `ATTACK_LOSSES` ("ce", "cw", ...) or a per-example loss callable.
+      seed: optional int making the random start reproducible (see `iterative_attack`).
 
     Returns:
       Adversarial inputs like `x`.
@@ -148,10 +158,10 @@ def pgd_linf(forward, x, labels, *, eps=8 / 255, step_size=2 / 255, steps=10, ra
     start = parts.uniform_start("linf") if random_start else parts.zero_start()
     return iterative_attack(
         forward, x, labels, loss_fn=_loss_fn(loss), start_fn=start, step_fn=parts.sign_step,
-        project_fn=parts.project_linf, eps=eps, step_size=step_size, steps=steps)
+        project_fn=parts.project_linf, eps=eps, step_size=step_size, steps=steps, seed=seed)
 
 
-def pgd_l2(forward, x, labels, *, eps=0.5, step_size=0.1, steps=10, random_start=True, loss="ce"):
+def pgd_l2(forward, x, labels, *, eps=0.5, step_size=0.1, steps=10, random_start=True, loss="ce", seed=None):
     """PGD under the l2 threat model: normalised-gradient steps, l2-ball projection.
 
     Args:
@@ -163,6 +173,7 @@ def pgd_l2(forward, x, labels, *, eps=0.5, step_size=0.1, steps=10, random_start
       steps: number of steps.
       random_start: start uniformly in the l2 ball (True) or at `x` (False).
       loss: a key of `ATTACK_LOSSES` or a per-example loss callable.
+      seed: optional int making the random start reproducible (see `iterative_attack`).
 
     Returns:
       Adversarial inputs like `x`.
@@ -173,7 +184,7 @@ def pgd_l2(forward, x, labels, *, eps=0.5, step_size=0.1, steps=10, random_start
     start = parts.uniform_start("l2") if random_start else parts.zero_start()
     return iterative_attack(
         forward, x, labels, loss_fn=_loss_fn(loss), start_fn=start, step_fn=parts.l2_normalized_step,
-        project_fn=parts.project_l2, eps=eps, step_size=step_size, steps=steps)
+        project_fn=parts.project_l2, eps=eps, step_size=step_size, steps=steps, seed=seed)
 
 
 def fgsm(forward, x, labels, *, eps=8 / 255, loss="ce"):
@@ -185,6 +196,7 @@ def fgsm(forward, x, labels, *, eps=8 / 255, loss="ce"):
       labels: integer labels.
       eps: linf radius, also the step size.
       loss: a key of `ATTACK_LOSSES` or a per-example loss callable.
+      seed: optional int making the random start reproducible (see `iterative_attack`).
 
     Returns:
       Adversarial inputs like `x`.

@@ -31,6 +31,20 @@ def _check_norm(norm):
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
+def _uniform(shape, dtype, seed, offset, minval=0.0, maxval=1.0):
+    """U(minval, maxval): stateless (reproducible) when a `[2]` integer `seed` is given."""
+    if seed is None:
+        return tf.random.uniform(shape, minval, maxval, dtype=dtype)
+    return tf.random.stateless_uniform(shape, seed + [0, offset], minval, maxval, dtype=dtype)
+
+
+def _normal(shape, dtype, seed, offset):
+    """N(0, 1): stateless (reproducible) when a `[2]` integer `seed` is given."""
+    if seed is None:
+        return tf.random.normal(shape, dtype=dtype)
+    return tf.random.stateless_normal(shape, seed + [0, offset], dtype=dtype)
+
+
 @functools.lru_cache(maxsize=None)
 def uniform_start(norm):
     """A start drawn uniformly from the eps ball of the given norm.
@@ -49,17 +63,17 @@ def uniform_start(norm):
     """
     _check_norm(norm)
 
-    def linf_start(x, eps):
+    def linf_start(x, eps, seed=None):
         eps = tf.cast(eps, x.dtype)
-        return x + tf.random.uniform(tf.shape(x), -eps, eps, dtype=x.dtype)
+        return x + _uniform(tf.shape(x), x.dtype, seed, 0, -eps, eps)
 
-    def l2_start(x, eps):
+    def l2_start(x, eps, seed=None):
         eps = tf.cast(eps, x.dtype)
-        direction = tf.random.normal(tf.shape(x), dtype=x.dtype)
+        direction = _normal(tf.shape(x), x.dtype, seed, 0)
         direction /= tf.maximum(_per_example_l2_norm(direction), _NORM_FLOOR)
         batch_shape = tf.concat([tf.shape(x)[:1], tf.ones([tf.rank(x) - 1], tf.int32)], axis=0)
         dims = tf.cast(tf.reduce_prod(tf.shape(x)[1:]), x.dtype)
-        radius = eps * tf.random.uniform(batch_shape, dtype=x.dtype) ** (1.0 / dims)
+        radius = eps * _uniform(batch_shape, x.dtype, seed, 1) ** (1.0 / dims)
         return x + radius * direction
 
     return linf_start if norm == "linf" else l2_start
@@ -79,9 +93,9 @@ def gaussian_start(stddev=0.001):
       >>> x0 = gaussian_start(0.001)(tf.zeros([2, 4]), 8 / 255)
     """
 
-    def start(x, eps):
+    def start(x, eps, seed=None):
         del eps
-        return x + tf.cast(stddev, x.dtype) * tf.random.normal(tf.shape(x), dtype=x.dtype)
+        return x + tf.cast(stddev, x.dtype) * _normal(tf.shape(x), x.dtype, seed, 0)
 
     return start
 
@@ -98,8 +112,8 @@ def zero_start():
       array([[1., 1.]], dtype=float32)
     """
 
-    def start(x, eps):
-        del eps
+    def start(x, eps, seed=None):
+        del eps, seed
         return tf.identity(x)
 
     return start

@@ -44,8 +44,9 @@ def pgd_attack(steps, restarts=1, loss="ce"):
         attack = pgd_linf if norm == "linf" else pgd_l2
         best = x
         success = tf.zeros_like(labels, dtype=tf.bool)
-        for _ in range(restarts):
-            x_adv = attack(forward, x, labels, eps=eps, step_size=eps / 4, steps=steps, loss=loss)
+        for restart in range(restarts):
+            x_adv = attack(forward, x, labels, eps=eps, step_size=eps / 4, steps=steps, loss=loss,
+                           seed=seed * 1009 + restart)
             broken = _misclassified(forward, x_adv, labels)
             new = tf.logical_and(broken, tf.logical_not(success))
             best = tf.where(new[:, None, None, None], x_adv, best)

@@ -45,9 +45,9 @@ def evaluate_robustness(forward, dataset, attacks, *, eps, norm="linf", seed=0, 
         robust accuracy after it, examples attacked, examples broken, seconds, white_box) and
         `warnings` (sanity checks).
     """
-    totals = {attack.name: {"examples_attacked": 0, "examples_broken": 0, "seconds": 0.0}
-              for attack in attacks}
-    robust_after = {attack.name: 0 for attack in attacks}
+    # By position, not by name: the same attack may be listed twice (e.g. apgd-ce,autoattack).
+    totals = [{"examples_attacked": 0, "examples_broken": 0, "seconds": 0.0} for _ in attacks]
+    robust_after = [0 for _ in attacks]
     n_examples = n_clean = 0
     warnings = []
     cardinality = int(dataset.cardinality())
@@ -71,25 +71,25 @@ def evaluate_robustness(forward, dataset, attacks, *, eps, norm="linf", seed=0, 
                 start = time.perf_counter()
                 x_adv, _ = attack.run(forward, x, y, eps, norm, seed + 1000 * batch_index + attack_index)
                 x_adv = tf.convert_to_tensor(x_adv, tf.float32)
-                totals[attack.name]["seconds"] += time.perf_counter() - start
+                totals[attack_index]["seconds"] += time.perf_counter() - start
                 _check_inside_ball(x_adv, x, eps, norm, attack.name)
                 broken = (tf.argmax(forward(x_adv), axis=-1, output_type=tf.int32) != y).numpy()
                 robust[indices[broken]] = False
-                totals[attack.name]["examples_attacked"] += len(indices)
-                totals[attack.name]["examples_broken"] += int(broken.sum())
-            robust_after[attack.name] += int(robust.sum())
+                totals[attack_index]["examples_attacked"] += len(indices)
+                totals[attack_index]["examples_broken"] += int(broken.sum())
+            robust_after[attack_index] += int(robust.sum())
         progress_bar.add(1, values=[("clean", n_clean / n_examples),
-                                    ("robust", robust_after[attacks[-1].name] / n_examples)])
+                                    ("robust", robust_after[-1] / n_examples)])
     results = [
-        {"name": attack.name, "robust_accuracy": robust_after[attack.name] / max(n_examples, 1),
-         "white_box": attack.white_box, **totals[attack.name]}
-        for attack in attacks
+        {"name": attack.name, "robust_accuracy": robust_after[index] / max(n_examples, 1),
+         "white_box": attack.white_box, **totals[index]}
+        for index, attack in enumerate(attacks)
     ]
     warnings += sanity.check_black_box_not_stronger(results)
     return {
         "n_examples": n_examples,
         "clean_accuracy": n_clean / max(n_examples, 1),
-        "robust_accuracy": robust_after[attacks[-1].name] / max(n_examples, 1),
+        "robust_accuracy": robust_after[-1] / max(n_examples, 1),
         "attacks": results,
         "warnings": warnings,
     }

@@ -20,6 +20,31 @@ def split_halves(tensor):
     return adv, clean
 
 
+def forward_adversarial_and_clean(classifier, adversarial_images, images, return_taps=False):
+    """Training-mode outputs of both batches: `(adv_logits, clean_logits[, adv_taps, clean_taps])`.
+
+    Normalisation variants that pool statistics over the two batches (shared statistics, single BN,
+    cross normalisation) need one "mixed" call on the concatenated batch. With split statistics the
+    mixed call equals two separate calls, which are cheaper: no split and concatenation of the
+    activations at every BN site, forward and backward.
+    """
+    if getattr(classifier, "bn_mode", None) in ("dual", "shared_affine"):
+        adv = classifier(adversarial_images, training=True, branch="adv", return_taps=return_taps)
+        clean = classifier(images, training=True, branch="clean", return_taps=return_taps)
+        if not return_taps:
+            return adv, clean
+        return adv[0], clean[0], adv[1], clean[1]
+    mixed = tf.concat([adversarial_images, images], axis=0)
+    outputs = classifier(mixed, training=True, branch="mixed", return_taps=return_taps)
+    if not return_taps:
+        return split_halves(outputs)
+    logits, taps = outputs
+    adv_logits, clean_logits = split_halves(logits)
+    halves = {name: split_halves(tap) for name, tap in taps.items()}
+    return (adv_logits, clean_logits, {n: h[0] for n, h in halves.items()},
+            {n: h[1] for n, h in halves.items()})
+
+
 class AdversarialTrainer(keras.Model):
     """Wraps a `BranchedClassifier` and trains it adversarially with `fit()`.
 

@@ -6,8 +6,8 @@ import tensorflow as tf
 from arat_tf.layers import Predictor
 from arat_tf.methods.adversarial_trainer import (
     AdversarialTrainer,
+    forward_adversarial_and_clean,
     mean_cross_entropy,
-    split_halves,
 )
 
 INVARIANCE_DISTANCES = ("cos", "mse")
@@ -32,9 +32,9 @@ class AratTrainer(AdversarialTrainer):
         L = w_adv * CE(f_adv(x'), y) + w_clean * CE(f_clean(x), y)
             + gamma * mean_l [ 1 - mean_batch cos(h_l(z_l(x'; adv)), stop_gradient(z_l(x; clean))) ]
 
-    The clean and adversarial batches go through the classifier in ONE mixed training-mode call,
-    so each BN site normalises them as its `bn_mode` says (split BN by default; the "no split BN"
-    ablation then really sees the mixture). `z_l` are the classifier's named feature taps; `h_l`
+    The clean and adversarial batches are normalised as the classifier's `bn_mode` says: split BN
+    by default; the "no split BN" ablation normalises the concatenated batch, so it really sees the
+    mixture (see `forward_adversarial_and_clean`). `z_l` are the classifier's named feature taps; `h_l`
     one `Predictor` per tap, trained here and never exported.
 
     `w_adv`/`w_clean` live in non-trainable variables: fixed, or set every epoch by the
@@ -100,15 +100,15 @@ class AratTrainer(AdversarialTrainer):
                 self.predictors[name] = predictor
 
     def compute_losses(self, images, adversarial_images, labels):
-        mixed = tf.concat([adversarial_images, images], axis=0)
-        logits, taps = self.classifier(mixed, training=True, branch="mixed", return_taps=True)
-        adv_logits, clean_logits = split_halves(logits)
+        adv_logits, clean_logits, adv_taps, clean_taps = forward_adversarial_and_clean(
+            self.classifier, adversarial_images, images, return_taps=True
+        )
         ce_adv = mean_cross_entropy(adv_logits, labels)
         ce_clean = mean_cross_entropy(clean_logits, labels)
 
         distances = []
         for name in self.tap_names:
-            adv_representation, clean_representation = split_halves(taps[name])
+            adv_representation, clean_representation = adv_taps[name], clean_taps[name]
             if self.asymmetric:
                 clean_representation = tf.stop_gradient(clean_representation)
             if self.use_predictor:

@@ -4,16 +4,16 @@ import tensorflow as tf
 
 from arat_tf.methods.adversarial_trainer import (
     AdversarialTrainer,
+    forward_adversarial_and_clean,
     mean_cross_entropy,
-    split_halves,
 )
 
 
 class HybridTrainer(AdversarialTrainer):
     """`L = clean_weight * CE(f(x), y) + (1 - clean_weight) * CE(f(x'), y)`, default 0.5 / 0.5.
 
-    One training-mode forward pass on the mixed batch `[x'; x]`: the classifier's `bn_mode` decides
-    how it is normalised (dual BN, shared statistics + dual affine, dual statistics + shared affine,
+    Both batches are normalised as the classifier's `bn_mode` decides (one mixed-batch pass on
+    `[x'; x]` where statistics are pooled, see `forward_adversarial_and_clean`) (dual BN, shared statistics + dual affine, dual statistics + shared affine,
     single BN, or Cross-AT's cross normalisation with one half's statistics). This is the Dual-BN
     paper's whole study with one trainer; `cross_at` is this trainer with a `cross_*` bn_mode.
 
@@ -32,9 +32,9 @@ class HybridTrainer(AdversarialTrainer):
         self.clean_weight = float(clean_weight)
 
     def compute_losses(self, images, adversarial_images, labels):
-        mixed = tf.concat([adversarial_images, images], axis=0)
-        logits = self.classifier(mixed, training=True, branch="mixed")
-        adv_logits, clean_logits = split_halves(logits)
+        adv_logits, clean_logits = forward_adversarial_and_clean(
+            self.classifier, adversarial_images, images
+        )
         ce_clean = mean_cross_entropy(clean_logits, labels)
         ce_adv = mean_cross_entropy(adv_logits, labels)
         total = self.clean_weight * ce_clean + (1.0 - self.clean_weight) * ce_adv
