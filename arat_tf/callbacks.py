@@ -156,16 +156,22 @@ class EpochCheckpoint(keras.callbacks.Callback):
     not follow, so a checkpoint of the trainer object alone would silently miss every BN moving
     statistic. Restoring asserts that every saved value and every variable was matched.
 
+    Multi-worker runs: every worker must take part in saving (MultiWorkerMirroredStrategy), but
+    only the chief may write the run directory, so a non-chief worker passes a private
+    `save_directory` (deleted by the caller after the run) and still restores from `directory`.
+
     Args:
-        directory: checkpoint directory.
+        directory: checkpoint directory (restored from; saved to unless `save_directory`).
         trainer: the compiled `AdversarialTrainer` (its optimizer must be built).
         max_to_keep: how many epoch checkpoints to keep.
+        save_directory: where to save instead of `directory` (non-chief workers).
         **extra_state: further trackables saved with it (e.g. SWA's `WeightAverage`).
     """
 
-    def __init__(self, directory, trainer, max_to_keep=2, **extra_state):
+    def __init__(self, directory, trainer, max_to_keep=2, save_directory=None, **extra_state):
         super().__init__()
         self.directory = directory
+        self.save_directory = save_directory or directory
         self.trainer = trainer
         self.completed_epochs = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.checkpoint = tf.train.Checkpoint(
@@ -174,15 +180,17 @@ class EpochCheckpoint(keras.callbacks.Callback):
             completed_epochs=self.completed_epochs,
             **extra_state,
         )
-        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, self.save_directory, max_to_keep=max_to_keep
+        )
 
     @property
     def latest(self):
-        return self.manager.latest_checkpoint
+        return tf.train.latest_checkpoint(self.directory)
 
     def restore(self):
         """Restores the newest checkpoint; returns the number of completed epochs (0 if none)."""
-        path = self.manager.latest_checkpoint
+        path = self.latest
         if path is None:
             return 0
         try:

@@ -11,6 +11,7 @@ import math
 
 from arat_tf.attacks import ATTACK_LOSSES
 from arat_tf.attacks.parts import NORMS
+from arat_tf.distribution import STRATEGIES
 from arat_tf.data import AUGMENTATIONS, SUPPORTED_DATASETS
 from arat_tf.layers import BN_MODES
 from arat_tf.methods import METHOD_DEFAULTS, METHODS
@@ -99,6 +100,14 @@ class TrainConfig:
     seed: int = _field(0, "Random seed.")
     verbose: int = _field(1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.", None)
     jit_compile: bool = _field(False, "Compile the train step with XLA.")
+    # Distribution.
+    strategy: str = _field("default", "Distribution strategy: default (one device), mirrored (all "
+                                      "local GPUs, or --cpu_replicas logical CPUs) or multi_worker "
+                                      "(MultiWorkerMirroredStrategy from TF_CONFIG). --batch_size "
+                                      "is the global batch, split evenly over the replicas.",
+                           STRATEGIES)
+    cpu_replicas: int = _field(0, "With --strategy=mirrored: N >= 1 replicas on N logical CPU "
+                                  "devices (for testing); 0: all local GPUs.")
 
     def __post_init__(self):
         errors = []
@@ -143,6 +152,14 @@ class TrainConfig:
         if self.swa and self.swa_start_epoch > self.epochs:
             errors.append(f"--swa_start_epoch={self.swa_start_epoch} is after the last epoch "
                           f"(--epochs={self.epochs})")
+        if self.cpu_replicas < 0:
+            errors.append(f"--cpu_replicas must be >= 0, got {self.cpu_replicas}")
+        elif self.cpu_replicas and self.strategy != "mirrored":
+            errors.append(f"--cpu_replicas only applies to --strategy=mirrored, got "
+                          f"--strategy={self.strategy}")
+        elif self.cpu_replicas and self.batch_size % self.cpu_replicas:
+            errors.append(f"--batch_size={self.batch_size} (the global batch) must be divisible by "
+                          f"the number of replicas (--cpu_replicas={self.cpu_replicas})")
         if not self.run_dir:
             errors.append("--run_dir must not be empty")
         if errors:

@@ -29,11 +29,12 @@ def main(argv):
     from arat_tf import training
     from arat_tf.callbacks import CheckpointError, NonFiniteLossError
     from arat_tf.data import DatasetNotAvailableError
+    from arat_tf.distribution import DistributionError
 
     try:
         _, records = training.train(config)
     except (training.RunDirectoryError, CheckpointError, NonFiniteLossError,
-            DatasetNotAvailableError) as error:
+            DatasetNotAvailableError, DistributionError) as error:
         raise SystemExit(f"error: {error}") from None
     if records:
         last = records[-1]

@@ -10,10 +10,17 @@ The CLI (`arat_tf.train`) and the tuner call this one function; it owns the run 
       tensorboard/     TensorBoard logs
       checkpoints/     trainer + optimizer state after every epoch (for --resume)
       model.keras      the trained classifier (both BN branches; no predictor heads)
+
+Under `--strategy=multi_worker` only the chief writes the run directory; every other worker
+restores from its checkpoints (for --resume, the run directory must be on a shared file system)
+but saves its checkpoints and model (saving takes part in collective ops) to a private temporary
+directory, deleted at the end.
 """
 
 import dataclasses
 import os
+import shutil
+import tempfile
 
 import keras
 import tensorflow as tf
@@ -21,7 +28,8 @@ from absl import logging
 
 from arat_tf import callbacks as run_callbacks
 from arat_tf.attacks import AttackConfig
-from arat_tf.data import dataset_spec, make_eval_dataset, make_train_dataset
+from arat_tf.distribution import DistributionError, is_chief, make_strategy
+from arat_tf.data import count_examples, dataset_spec, make_eval_dataset, make_train_dataset
 from arat_tf.flags import config_as_dict, config_to_flagfile
 from arat_tf.io_utils import atomic_save_model, atomic_write_json, atomic_write_text
 from arat_tf.methods import METHOD_DEFAULTS, AratTrainer, HybridTrainer, MartTrainer, TradesTrainer
@@ -114,6 +122,73 @@ def compile_trainer(trainer, config, steps_per_epoch):
     optimizer.build(trainer.trainable_variables)
 
 
+def full_batches_for_replicas(dataset, batch_size, replicas):
+    """Validation batches every replica gets a share of.
+
+    tf.distribute fills replicas in order, so a short last batch can leave a replica with no
+    examples, which a PGD step cannot run on. Under several replicas validation therefore uses
+    full batches only (of at most `batch_size`, divisible by `replicas`).
+
+    Returns:
+        `(dataset, number of examples kept)`.
+    """
+    count = count_examples(dataset)
+    batch = min(batch_size, count) // replicas * replicas
+    if batch < replicas:
+        raise ValueError(
+            f"The validation set has {count} examples: too few for {replicas} replicas."
+        )
+    batches = count // batch
+    rebatched = dataset.unbatch().batch(batch, drop_remainder=True)
+    return rebatched.apply(tf.data.experimental.assert_cardinality(batches)), batches * batch
+
+
+def _shard_by_data(dataset):
+    """Multi-worker input: every worker reads the whole (in-memory, one-"file") pipeline and keeps
+    its replicas' share of each global batch (tf.data's FILE sharding needs >= 1 file per worker)."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def _work_around_keras_multi_worker(trainer):
+    """Makes Keras 3's `fit` usable with MultiWorkerMirroredStrategy (broken upstream, see
+    keras-team/keras#20585), on this trainer instance only.
+
+    Before training, Keras' TF trainer reduces the first distributed batch with
+    `strategy.reduce("MEAN", ...)` only to learn its shapes, which MultiWorkerMirroredStrategy
+    cannot do eagerly; shapes and dtypes are all it needs, so the first local replica's batch is
+    used instead."""
+    strategy = trainer.distribute_strategy
+
+    def local_value(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(local_value, next(batches))
+                break
+        with strategy.scope():
+            trainer._symbolic_build(data_batch=data_batch)  # pylint: disable=protected-access
+
+    trainer._maybe_symbolic_build = maybe_symbolic_build  # pylint: disable=protected-access
+    # Same Keras code path: it reduces every step's logs across workers with
+    # `strategy.reduce("MEAN", v, axis=0)`, which fails on scalars. Each replica's scalar log is
+    # returned as a 1-vector instead, so that reduction is the mean over replicas (a scalar).
+    for name in ("train_step", "test_step"):
+        step = getattr(trainer, name)
+
+        def vector_logs(data, step=step):
+            return tf.nest.map_structure(
+                lambda value: tf.reshape(value, [1]) if value.shape.rank == 0 else value, step(data)
+            )
+
+        setattr(trainer, name, vector_logs)
+
+
 def _check_run_dir(config, checkpoint_dir):
     """Refuses to overwrite a previous run, and to resume one whose checkpoint index is gone."""
     leftovers = os.path.isdir(checkpoint_dir) and bool(os.listdir(checkpoint_dir))
@@ -136,13 +211,36 @@ def train(config, strategy=None):
 
     Args:
         config: a `TrainConfig`; "auto" values are resolved here.
-        strategy: a `tf.distribute.Strategy` (default: the current/default one).
+        strategy: a `tf.distribute.Strategy` (default: `config.strategy`, built by
+            `arat_tf.distribution.make_strategy`; "default" is the current/default strategy).
 
     Returns:
         `(classifier, history_records)`: the trained `BranchedClassifier` and the per-epoch records.
+
+    Raises:
+        DistributionError: the strategy cannot be built, or --batch_size (the global batch) is not
+            divisible by the number of replicas.
     """
     config = config.resolve()
-    strategy = strategy or tf.distribute.get_strategy()
+    # First: logical devices and MultiWorkerMirroredStrategy need an uninitialised runtime.
+    strategy = strategy or make_strategy(config.strategy, config.cpu_replicas)
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise DistributionError(
+            f"--batch_size={config.batch_size} is the global batch and must be divisible by the "
+            f"{replicas} replicas of --strategy={config.strategy}."
+        )
+    chief = is_chief(strategy)
+    private_dir = None if chief else tempfile.mkdtemp(prefix="arat-worker-")
+    try:
+        return _train(config, strategy, chief, private_dir)
+    finally:
+        if private_dir is not None:
+            shutil.rmtree(private_dir, ignore_errors=True)
+
+
+def _train(config, strategy, chief, private_dir):
+    """`train` once the strategy is known; a non-chief worker writes only into `private_dir`."""
     keras.utils.set_random_seed(config.seed)
     spec = dataset_spec(config.dataset)
     run_dir = config.run_dir
@@ -150,44 +248,63 @@ def train(config, strategy=None):
     _check_run_dir(config, checkpoint_dir)
 
     train_data, validation_data, probe_data, steps_per_epoch = build_datasets(config, spec)
-    os.makedirs(run_dir, exist_ok=True)
+    replicas = strategy.num_replicas_in_sync
+    if replicas > 1:
+        validation_data, kept = full_batches_for_replicas(
+            validation_data, config.eval_batch_size, replicas
+        )
+        print(f"Validation on {kept} examples (full batches, split over {replicas} replicas).")
+    if strategy.extended._in_multi_worker_mode():  # pylint: disable=protected-access
+        train_data, validation_data = (
+            _shard_by_data(train_data), _shard_by_data(validation_data)
+        )
+    if chief:
+        os.makedirs(run_dir, exist_ok=True)
     with strategy.scope():
         classifier = build_classifier(config, spec)
         trainer = build_trainer(config, classifier)
         compile_trainer(trainer, config, steps_per_epoch)
+        if strategy.extended._in_multi_worker_mode():  # pylint: disable=protected-access
+            _work_around_keras_multi_worker(trainer)
         extra_state = {}
         if config.swa:
             extra_state["weight_average"] = WeightAverage(classifier.trainable_variables)
 
-    checkpoint = run_callbacks.EpochCheckpoint(checkpoint_dir, trainer, **extra_state)
+    checkpoint = run_callbacks.EpochCheckpoint(
+        checkpoint_dir, trainer,
+        save_directory=None if chief else os.path.join(private_dir, "checkpoints"), **extra_state
+    )
     first_epoch = checkpoint.restore() if config.resume else 0
     if first_epoch >= config.epochs:
         logging.info("All %d epochs already trained in %s.", config.epochs, run_dir)
-    atomic_write_text(os.path.join(run_dir, "flags.txt"), config_to_flagfile(config))
-    atomic_write_json(os.path.join(run_dir, "config.json"), config_as_dict(config))
+    if chief:
+        atomic_write_text(os.path.join(run_dir, "flags.txt"), config_to_flagfile(config))
+        atomic_write_json(os.path.join(run_dir, "config.json"), config_as_dict(config))
+    replicas = strategy.num_replicas_in_sync
     print(
         f"Training {config.method} / {config.model} (bn_mode={config.bn_mode}) on {config.dataset}: "
         f"{steps_per_epoch} steps per epoch, global batch {config.batch_size} = "
-        f"{config.batch_size // strategy.num_replicas_in_sync} per replica x "
-        f"{strategy.num_replicas_in_sync} replica(s); epochs {first_epoch + 1}..{config.epochs}."
+        f"{config.batch_size // replicas} per replica x {replicas} replica(s)"
+        f"{'' if config.strategy == 'default' else f' (--strategy={config.strategy})'}; "
+        f"epochs {first_epoch + 1}..{config.epochs}."
     )
 
     callbacks = []
     if isinstance(trainer, AratTrainer) and config.ce_weights == "auto":
         callbacks.append(run_callbacks.CeWeightAutoBalance(trainer, probe_data))
     metrics_writer = run_callbacks.EpochMetricsWriter(
-        os.path.join(run_dir, "metrics.json"), first_epoch
+        os.path.join(run_dir if chief else private_dir, "metrics.json"), first_epoch
     )
     if config.swa:
         callbacks.append(StochasticWeightAveraging(
             extra_state["weight_average"], config.swa_start_epoch - 1, config.swa_every
         ))
-    callbacks += [
-        run_callbacks.NonFiniteLossGuard(checkpoint_dir),
-        metrics_writer,
-        keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), update_freq="epoch"),
-        checkpoint,
-    ]
+    callbacks += [run_callbacks.NonFiniteLossGuard(checkpoint_dir), metrics_writer]
+    if chief:
+        callbacks.append(
+            keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), update_freq="epoch")
+        )
+    callbacks.append(checkpoint)
     if first_epoch < config.epochs:
         trainer.fit(
             train_data, epochs=config.epochs, initial_epoch=first_epoch,
@@ -201,5 +318,7 @@ def train(config, strategy=None):
         print("SWA: averaged weights, adversarial BN statistics refreshed." if averaged else
               "SWA: no averaging step was reached (--swa_start_epoch/--swa_every); kept the "
               "trained weights.")
-    atomic_save_model(classifier, os.path.join(run_dir, "model.keras"))
+    # Reading the on-read BN statistics is a collective op under MultiWorkerMirroredStrategy, so
+    # every worker saves; only the chief's copy is kept.
+    atomic_save_model(classifier, os.path.join(run_dir if chief else private_dir, "model.keras"))
     return classifier, metrics_writer.records

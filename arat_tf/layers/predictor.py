@@ -16,6 +16,7 @@ class Predictor(keras.layers.Layer):
 
     Args:
         hidden_ratio: hidden width as a fraction of the input width `d` (ARAT: 1/4).
+        synchronized: synchronise its BN statistics across replicas (as the classifier's BN).
         **kwargs: base `keras.layers.Layer` arguments.
 
     Example:
@@ -26,18 +27,19 @@ class Predictor(keras.layers.Layer):
     (8, 512)
     """
 
-    def __init__(self, hidden_ratio=0.25, **kwargs):
+    def __init__(self, hidden_ratio=0.25, synchronized=False, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 < hidden_ratio:
             raise ValueError(f"hidden_ratio must be > 0, received hidden_ratio={hidden_ratio}.")
         self.hidden_ratio = float(hidden_ratio)
+        self.synchronized = bool(synchronized)
 
     def build(self, input_shape):
         width = input_shape[-1]
         hidden = max(1, int(round(width * self.hidden_ratio)))
         self.hidden_dense = keras.layers.Dense(hidden, use_bias=False, name="hidden_dense")
         self.hidden_norm = keras.layers.BatchNormalization(
-            momentum=0.9, epsilon=1e-5, name="hidden_norm"
+            momentum=0.9, epsilon=1e-5, synchronized=self.synchronized, name="hidden_norm"
         )
         self.output_dense = keras.layers.Dense(width, name="output_dense")
         self.hidden_dense.build(input_shape)
@@ -54,5 +56,5 @@ class Predictor(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(hidden_ratio=self.hidden_ratio)
+        config.update(hidden_ratio=self.hidden_ratio, synchronized=self.synchronized)
         return config

@@ -94,7 +94,8 @@ class AratTrainer(AdversarialTrainer):
             )
             for name in self.tap_names:
                 predictor = Predictor(
-                    predictor_hidden_ratio, name=f"predictor_{name.replace('.', '_')}"
+                    predictor_hidden_ratio, synchronized=classifier.synchronized_bn,
+                    name=f"predictor_{name.replace('.', '_')}",
                 )
                 predictor.build((None, taps[name].shape[-1]))
                 self.predictors[name] = predictor

@@ -1,0 +1,274 @@
+"""Multi-device training (`arat_tf.distribution`, `--strategy`, `--cpu_replicas`).
+
+Every multi-replica case runs in a fresh subprocess: logical CPU devices and
+MultiWorkerMirroredStrategy must be set up before TensorFlow initialises its runtime.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TFDS_DIR = REPO.parent / "shared" / "datasets" / "tfds"
+EQUIVALENCE_METHODS = ("pgd_at", "trades", "arat")
+# ARAT's invariance weight (30) multiplies the float32 round-off of the differently ordered
+# cross-replica sums (observed: up to ~2e-5 on weights that move by ~0.3 in the step).
+ATOL = {"pgd_at": 1e-5, "trades": 1e-5, "arat": 5e-5}
+
+
+def _env(**extra):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    env.pop("TF_CONFIG", None)
+    env.update(extra)
+    return env
+
+
+def _describe(result):
+    return f"exit {result.returncode}\n--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr[-4000:]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# One training step: 1 device == 2 replicas (same global batch)
+# ---------------------------------------------------------------------------------------------
+ONE_STEP_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from arat_tf.distribution import make_strategy
+
+    replicas, output = int(sys.argv[1]), sys.argv[2]
+    methods = sys.argv[3].split(",")
+    strategy = make_strategy("mirrored", replicas) if replicas > 1 else make_strategy("default")
+    import keras
+    import tensorflow as tf
+    from arat_tf.config import TrainConfig
+    from arat_tf.data import dataset_spec
+    from arat_tf.attacks import parts
+    from arat_tf.training import build_classifier, build_trainer, compile_trainer
+
+    def pseudo_gaussian_start(stddev=0.001):
+        # TRADES always starts from x + 0.001 * N(0, 1); per-replica random streams cannot match
+        # the single-device one, so use deterministic per-pixel "noise" instead.
+        return lambda x, eps, seed=None: x + stddev * tf.sin(x * 9973.0 + 1.0)
+
+    parts.gaussian_start = pseudo_gaussian_start
+    assert strategy.num_replicas_in_sync == replicas
+    rng = np.random.RandomState(0)
+    x = rng.rand(16, 28, 28, 1).astype("float32")
+    y = rng.randint(0, 10, 16).astype("int32")
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)  # one GLOBAL batch of 16
+    arrays = {}
+    for method in methods:
+        config = TrainConfig(
+            dataset="mnist", method=method, model="small_cnn", width=0.25, synchronized_bn=True,
+            eps=8 / 255, attack_steps=3, attack_step_size=2 / 255, attack_start="zero",
+            attack_bn_mode="inference", learning_rate=0.1, momentum=0.0, weight_decay=0.0,
+            lr_schedule="constant", ce_weights="fixed", batch_size=16, epochs=1,
+            use_predictor=False,  # its BN is never synchronised: see the test's docstring
+        ).resolve()
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            classifier = build_classifier(config, dataset_spec("mnist"))
+            trainer = build_trainer(config, classifier)
+            compile_trainer(trainer, config, steps_per_epoch=1)
+        for variable in trainer.weights:
+            arrays[f"{method}/before/{variable.path}"] = np.array(variable.numpy())
+        trainer.fit(data, epochs=1, verbose=0, shuffle=False)
+        for variable in trainer.weights:
+            arrays[f"{method}/after/{variable.path}"] = np.array(variable.numpy())
+    np.savez(output, **arrays)
+    print("DONE", strategy.num_replicas_in_sync)
+    """
+)
+
+
+def test_one_step_on_two_replicas_equals_one_device_with_synchronized_bn(tmp_path):
+    """One SGD step (lr 0.1, no momentum/decay) of pgd_at, trades and arat with synchronised BN
+    gives the same weights on 1 device and on 2 logical CPU replicas for the same global batch.
+
+    The training attack runs with attack_bn_mode="inference" (and a zero start, so it is
+    deterministic): with BN in training mode during the attack (ARAT's default "train"), the PGD
+    while-loop uses per-replica batch statistics BY DESIGN (MirroredStrategy cannot all-reduce
+    inside control flow, see `arat_tf.layers.batch_statistics.replica_local_statistics`), so the
+    2-replica adversarial examples legitimately differ from the 1-device ones. Everything outside
+    the attack (the loss, synchronised BN in the update, gradient all-reduce, the 1/replicas loss
+    scaling, the moving statistics) must match exactly. TRADES always starts its KL attack from
+    `x + 0.001 * N(0, 1)` (the KL gradient at x itself is zero, so a zero start would make the
+    sign steps follow round-off noise); per-replica random streams cannot reproduce the
+    single-device noise, so the script replaces it with a deterministic function of the pixels.
+    ARAT runs without its predictor head: the predictor's BatchNormalization
+    (`arat_tf.layers.predictor.Predictor`) is a plain per-replica Keras BN that ignores
+    `synchronized_bn`, so with the predictor a 2-replica step differs from a 1-device step.
+    """
+    script = tmp_path / "one_step.py"
+    script.write_text(ONE_STEP_SCRIPT)
+    methods = ",".join(EQUIVALENCE_METHODS)
+    outputs = {n: tmp_path / f"weights_{n}.npz" for n in (1, 2)}
+    processes = {
+        n: subprocess.Popen(
+            [sys.executable, str(script), str(n), str(outputs[n]), methods], cwd=REPO, env=_env(),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for n in (1, 2)
+    }
+    for n, process in processes.items():
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0 and f"DONE {n}" in stdout, stderr[-4000:]
+    single, mirrored = (dict(np.load(outputs[n])) for n in (1, 2))
+    assert set(single) == set(mirrored)
+    for method in EQUIVALENCE_METHODS:
+        names = [k for k in single if k.startswith(f"{method}/after/")]
+        assert names
+        moved = 0.0
+        for name in names:
+            before = name.replace("/after/", "/before/")
+            np.testing.assert_array_equal(single[before], mirrored[before], err_msg=before)
+            np.testing.assert_allclose(mirrored[name], single[name], atol=ATOL[method], rtol=0,
+                                       err_msg=name)
+            moved = max(moved, float(np.max(np.abs(single[name] - single[before]))))
+        assert moved > 1e-2, f"{method}: the step hardly changed the weights ({moved})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Two-process MultiWorkerMirroredStrategy on localhost
+# ---------------------------------------------------------------------------------------------
+WORKER_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from arat_tf.config import TrainConfig
+    from arat_tf import training
+
+    run_dir, data_dir, output = sys.argv[1], sys.argv[2], sys.argv[3]
+    config = TrainConfig(
+        dataset="mnist", data_dir=data_dir, method="arat", model="small_cnn", width=0.25,
+        synchronized_bn=True, train_subset=64, val_subset=32, batch_size=16, eval_batch_size=16,
+        auto_balance_examples=32, attack_steps=2, val_attack_steps=2, epochs=2,
+        lr_schedule="constant", learning_rate=0.05, seed=0, verbose=0, run_dir=run_dir,
+        strategy="multi_worker",
+    )
+    classifier, records = training.train(config)
+    np.savez(output, **{v.path: np.array(v.numpy()) for v in classifier.weights})
+    print("RECORDS", len(records))
+    """
+)
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_two_worker_run_on_localhost_gives_identical_weights_and_only_the_chief_writes(tmp_path):
+    if not (TFDS_DIR / "mnist").is_dir():
+        pytest.skip(f"shared TFDS mnist not found at {TFDS_DIR}")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_SCRIPT)
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    processes = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": {"worker": workers},
+                                "task": {"type": "worker", "index": index}})
+        processes.append(subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / f"run{index}"), str(TFDS_DIR),
+             str(tmp_path / f"weights{index}.npz")],
+            cwd=REPO, env=_env(TF_CONFIG=tf_config), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        ))
+    try:
+        results = [process.communicate(timeout=600) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    for process, (stdout, stderr) in zip(processes, results):
+        assert process.returncode == 0 and "RECORDS 2" in stdout, stderr[-4000:]
+    chief, other = (dict(np.load(tmp_path / f"weights{i}.npz")) for i in range(2))
+    assert set(chief) == set(other) and chief
+    for name in chief:
+        np.testing.assert_allclose(other[name], chief[name], atol=1e-6, err_msg=name)
+    chief_dir = tmp_path / "run0"
+    assert (chief_dir / "model.keras").is_file()
+    assert {"flags.txt", "config.json", "metrics.json", "checkpoints", "tensorboard"} <= {
+        p.name for p in chief_dir.iterdir()}
+    assert len(json.loads((chief_dir / "metrics.json").read_text())) == 2
+    assert not (tmp_path / "run1").exists(), list((tmp_path / "run1").rglob("*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI errors
+# ---------------------------------------------------------------------------------------------
+def _run_cli(*args, **env):
+    return subprocess.run(
+        [sys.executable, "-m", "arat_tf.train", *args], cwd=REPO, env=_env(**env),
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_cli_rejects_a_global_batch_not_divisible_by_the_replicas(tmp_path):
+    result = _run_cli("--strategy=mirrored", "--cpu_replicas=2", "--batch_size=15",
+                      f"--run_dir={tmp_path / 'run'}")
+    assert result.returncode != 0, _describe(result)
+    assert "--batch_size=15 (the global batch) must be divisible" in result.stderr, _describe(result)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_multi_worker_without_tf_config_is_a_clear_error(tmp_path):
+    result = _run_cli("--strategy=multi_worker", "--dataset=mnist", f"--data_dir={TFDS_DIR}",
+                      f"--run_dir={tmp_path / 'run'}")
+    assert result.returncode != 0, _describe(result)
+    assert "--strategy=multi_worker needs the TF_CONFIG environment variable" in (
+        result.stdout + result.stderr), _describe(result)
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process units (no TensorFlow runtime changes)
+# ---------------------------------------------------------------------------------------------
+def test_config_validates_strategy_fields():
+    from arat_tf.config import TrainConfig
+
+    with pytest.raises(ValueError, match="--cpu_replicas only applies to --strategy=mirrored"):
+        TrainConfig(cpu_replicas=2)
+    with pytest.raises(ValueError, match="--cpu_replicas must be >= 0"):
+        TrainConfig(strategy="mirrored", cpu_replicas=-1)
+    with pytest.raises(ValueError, match="not one of"):
+        TrainConfig(strategy="tpu")
+    TrainConfig(strategy="mirrored", cpu_replicas=4, batch_size=128)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ("{not json", "not valid JSON"),
+    ('{"cluster": {"worker": ["a:1"]}}', 'no "task"'),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}', "not in the cluster"),
+])
+def test_invalid_tf_config_is_a_clear_error(raw, message):
+    from arat_tf.distribution import DistributionError, parse_tf_config
+
+    with pytest.raises(DistributionError, match=message):
+        parse_tf_config({"TF_CONFIG": raw})
+
+
+def test_default_strategy_is_chief_and_logical_devices_after_start_up_are_refused():
+    import tensorflow as tf
+
+    from arat_tf.distribution import DistributionError, is_chief, make_strategy
+
+    tf.constant(0.0)  # make sure the runtime is up
+    assert make_strategy("default") is tf.distribute.get_strategy()
+    assert is_chief(make_strategy("default"))
+    with pytest.raises(DistributionError, match="already initialised"):
+        make_strategy("mirrored", cpu_replicas=len(tf.config.list_logical_devices("CPU")) + 1)
