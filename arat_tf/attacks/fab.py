@@ -18,8 +18,9 @@ import numbers
 
 import tensorflow as tf
 
+from arat_tf.attacks.random_keys import rng_key
+
 _TINY = 1e-12
-_INT32_MAX = 2**31 - 1
 
 
 def _per_example_max_abs(t):
@@ -35,24 +36,6 @@ def _per_example(values, like):
 def _batch_where(mask, a, b):
     """`tf.where` with a per-example [B] mask broadcast over the other axes of `a`."""
     return tf.where(_per_example(mask, a), a, b)
-
-
-def _rng_key(seed):
-    """A [2] int64 key for the stateless (counter-based Philox) random ops.
-
-    `seed` may be an int (reproducible), a `tf.random.Generator` (the key is drawn from it, so
-    successive calls differ but follow the generator's seed) or None (drawn from the global TF
-    seed, which `keras.utils.set_random_seed` fixes). Stateless ops are the functional form of a
-    `tf.random.Generator`: unlike a generator they can be created inside `tf.function` and make
-    the same seed give the same result eagerly and in graphs.
-    """
-    if isinstance(seed, tf.random.Generator):
-        return tf.cast(seed.make_seeds(1)[:, 0], tf.int64)
-    if seed is None:
-        return tf.random.uniform([2], 0, _INT32_MAX, dtype=tf.int64)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"seed must be an int, a tf.random.Generator or None, got {seed!r}")
-    return tf.constant([int(seed) % (2**63), 0], tf.int64)
 
 
 def _run_compiled(fn, *args):
@@ -275,7 +258,7 @@ def fab_targeted(forward, x, labels, *, eps, steps=100, num_target_classes=9, al
     if not x.dtype.is_floating:
         raise ValueError(f"x must be a float tensor scaled to [0, 1], got dtype {x.dtype.name}")
     labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
-    key = _rng_key(seed) if restarts > 1 else tf.zeros([2], tf.int64)
+    key = rng_key(seed) if restarts > 1 else tf.zeros([2], tf.int64)
 
     def attack(x, labels, key):
         eps_t = tf.cast(eps, x.dtype)

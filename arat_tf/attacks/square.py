@@ -13,8 +13,8 @@ import numbers
 import tensorflow as tf
 
 from arat_tf.attacks import losses
+from arat_tf.attacks.random_keys import rng_key
 
-_INT32_MAX = 2**31 - 1
 # Iterations (of a 10,000-query budget) after which p halves, from the paper's schedule.
 _P_HALVING_POINTS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 # A candidate identical to the current point (e.g. the same signs redrawn) is resampled up to
@@ -46,23 +46,6 @@ def square_p_schedule(iteration, n_queries, p_init=0.8):
     scaled = tf.floor(scaled)
     halvings = tf.reduce_sum(tf.cast(scaled > tf.constant(_P_HALVING_POINTS, tf.float64), tf.int32))
     return tf.cast(p_init, tf.float32) / tf.cast(2 ** halvings, tf.float32)
-
-
-def _rng_key(seed):
-    """A [2] int64 key for the stateless (counter-based Philox) random ops.
-
-    `seed` may be an int (reproducible), a `tf.random.Generator` (the key is drawn from it) or
-    None (drawn from the global TF seed, which `keras.utils.set_random_seed` fixes). Stateless
-    ops are the functional form of a `tf.random.Generator`: unlike a generator they can be
-    created inside `tf.function`, and the same seed gives the same result eagerly and in graphs.
-    """
-    if isinstance(seed, tf.random.Generator):
-        return tf.cast(seed.make_seeds(1)[:, 0], tf.int64)
-    if seed is None:
-        return tf.random.uniform([2], 0, _INT32_MAX, dtype=tf.int64)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"seed must be an int, a tf.random.Generator or None, got {seed!r}")
-    return tf.constant([int(seed) % (2**63), 0], tf.int64)
 
 
 def _split(key, n):
@@ -101,7 +84,7 @@ def square_linf(forward, x, labels, *, eps, n_queries=5000, p_init=0.8, seed=Non
       masks from `tf.range` comparisons). Called eagerly, the attack traces itself into one
       `tf.function` per call; inside a `tf.function` it is built inline. `forward` must
       therefore be built from TF ops, but it is never differentiated.
-    * Randomness: stateless Philox ops keyed by `seed` (see `_rng_key`), so the same seed gives
+    * Randomness: stateless Philox ops keyed by `seed` (see `arat_tf.attacks.random_keys.rng_key`), so the same seed gives
       the same result, eagerly or in a graph.
 
     Examples misclassified on the clean input are not attacked (0 queries, `x_adv = x`).
@@ -141,7 +124,7 @@ def square_linf(forward, x, labels, *, eps, n_queries=5000, p_init=0.8, seed=Non
     if x.shape.rank != 4:
         raise ValueError(f"x must be a batch of NHWC images (rank 4), got shape {x.shape}")
     labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
-    key = _rng_key(seed)
+    key = rng_key(seed)
 
     def attack(x, labels, key):
         eps_t = tf.cast(eps, x.dtype)
