@@ -270,3 +270,18 @@ def test_invalid_arguments_raise(trained):
         fab_targeted(forward, x, y, eps=0.1, alpha_max=1.5)
     with pytest.raises(ValueError):
         fab_targeted(forward, x, y, eps=0.1, restarts=0)
+
+
+def test_a_batch_of_one_example_works(trained):
+    """The evaluator hands each attack only the examples still unbroken: often exactly one.
+    (Square once failed there: a loop variable's static batch size 1 became None.)"""
+    _, forward, x, y, clean_correct = trained
+    index = int(np.flatnonzero(clean_correct)[0])
+    x_one, y_one = x[index:index + 1], y[index:index + 1]
+    for attack in (
+        lambda: square_linf(forward, x_one, y_one, eps=0.3, n_queries=50, seed=0),
+        lambda: fab_targeted(forward, x_one, y_one, eps=0.3, steps=10),
+    ):
+        x_adv, success = attack()
+        assert x_adv.shape == x_one.shape and success.shape == (1,)
+        _check_outputs(forward, x_one, y_one, x_adv, success, 0.3, clean_correct[index:index + 1])

@@ -190,7 +190,10 @@ def square_linf(forward, x, labels, *, eps, n_queries=5000, p_init=0.8, seed=Non
             fooled |= improved & _predicts_wrong(logits_new, labels)
             queries += tf.cast(active, tf.int32)
             active &= ~fooled
-            return i + 1, key, tf.ensure_shape(x_best, x.shape), margin, fooled, queries, active
+            # Every per-example loop variable keeps its entry shape (the window mask's batch
+            # dimension is dynamic, which would otherwise turn a static batch of 1 into None).
+            per_example = [tf.ensure_shape(v, labels.shape) for v in (margin, fooled, queries, active)]
+            return (i + 1, key, tf.ensure_shape(x_best, x.shape), *per_example)
 
         def cond(i, key, x_best, margin, fooled, queries, active):
             del key, x_best, margin, fooled, queries
