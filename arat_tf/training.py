@@ -17,7 +17,6 @@ but saves its checkpoints and model (saving takes part in collective ops) to a p
 directory, deleted at the end.
 """
 
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -280,7 +279,6 @@ def _train(config, strategy, chief, private_dir):
     if chief:
         atomic_write_text(os.path.join(run_dir, "flags.txt"), config_to_flagfile(config))
         atomic_write_json(os.path.join(run_dir, "config.json"), config_as_dict(config))
-    replicas = strategy.num_replicas_in_sync
     print(
         f"Training {config.method} / {config.model} (bn_mode={config.bn_mode}) on {config.dataset}: "
         f"{steps_per_epoch} steps per epoch, global batch {config.batch_size} = "

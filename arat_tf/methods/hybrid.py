@@ -1,7 +1,5 @@
 """Hybrid AT (the Dual-BN paper): half clean, half adversarial cross-entropy."""
 
-import tensorflow as tf
-
 from arat_tf.methods.adversarial_trainer import (
     AdversarialTrainer,
     forward_adversarial_and_clean,

@@ -8,7 +8,11 @@ from arat_tf.models.branched_classifier import (
     BranchedClassifier,
     pooled_tap,
 )
-from arat_tf.models.residual_block import ResidualBlock
+from arat_tf.models.residual_block import (
+    ResidualBlock,
+    run_residual_blocks,
+    tapped_block_names,
+)
 from arat_tf.models.resnet import RESNET_STAGE_BLOCKS, conv, resnet_stage_plan, scaled_width
 
 
@@ -18,6 +22,8 @@ class PreActBlock(ResidualBlock):
 
     Returns `(output, (bn1, bn2))`, the two BN outputs before their ReLU.
     """
+
+    activation_names = ("bn1", "bn2")
 
     def __init__(self, filters, strides=1, **kwargs):
         super().__init__(filters, strides, **kwargs)
@@ -78,21 +84,12 @@ class PreActResNet(BranchedClassifier):
 
     @property
     def tap_names(self):
-        names = [
-            f"{block.name}.{bn}"
-            for block in self.blocks if block.name.startswith(self._last_stage)
-            for bn in ("bn1", "bn2")
-        ]
-        return names + ["penultimate"]
+        return tapped_block_names(self.blocks, self._last_stage) + ["penultimate"]
 
     def forward(self, images, training, branch):
-        x = self.stem_conv(images)
-        taps = {}
-        for block in self.blocks:
-            x, (bn1, bn2) = block(x, training=training, branch=branch)
-            if block.name.startswith(self._last_stage):
-                taps[f"{block.name}.bn1"] = pooled_tap(bn1)
-                taps[f"{block.name}.bn2"] = pooled_tap(bn2)
+        x, taps = run_residual_blocks(
+            self.blocks, self.stem_conv(images), self._last_stage, training, branch
+        )
         features = pooled_tap(self.final_bn(x, training=training, branch=branch))
         taps["penultimate"] = features
         return self.classifier(features), taps

@@ -3,13 +3,14 @@
 import keras
 
 from arat_tf.layers import make_normalization
+from arat_tf.models.branched_classifier import pooled_tap
 
 
 class ResidualBlock(keras.layers.Layer):
     """Base of BasicBlock, PreActBlock and WideBasicBlock: filters, stride, the BN variant, config.
 
-    A block is called as `block(x, training=..., branch=...)` and returns `(output, (a, b))`, the
-    two intermediate activations its model may tap for ARAT.
+    A block is called as `block(x, training=..., branch=...)` and returns `(output, activations)`,
+    the intermediate activations its model may tap for ARAT, named by `activation_names`.
 
     Args:
         filters: output channels.
@@ -27,6 +28,12 @@ class ResidualBlock(keras.layers.Layer):
         self.synchronized_bn = bool(synchronized_bn)
         self.shortcut_conv = None
 
+    activation_names = ()
+
+    def tap_names(self):
+        """`"<block name>.<activation name>"` for each activation the block returns."""
+        return [f"{self.name}.{activation}" for activation in self.activation_names]
+
     def norm(self, name):
         """A normalisation layer of this block's `bn_mode`."""
         return make_normalization(self.bn_mode, synchronized=self.synchronized_bn, name=name)
@@ -42,3 +49,21 @@ class ResidualBlock(keras.layers.Layer):
             synchronized_bn=self.synchronized_bn,
         )
         return config
+
+
+def tapped_block_names(blocks, tapped_prefix):
+    """The tap names of the blocks whose name starts with `tapped_prefix` (e.g. "block4.")."""
+    return [name for block in blocks if block.name.startswith(tapped_prefix)
+            for name in block.tap_names()]
+
+
+def run_residual_blocks(blocks, inputs, tapped_prefix, training, branch):
+    """Runs `blocks` in order; returns `(output, taps)` with the pooled activations of the blocks
+    whose name starts with `tapped_prefix`, keyed as `tapped_block_names` lists them."""
+    x, taps = inputs, {}
+    for block in blocks:
+        x, activations = block(x, training=training, branch=branch)
+        if block.name.startswith(tapped_prefix):
+            for name, activation in zip(block.tap_names(), activations):
+                taps[name] = pooled_tap(activation)
+    return x, taps

@@ -3,12 +3,12 @@
 import keras
 import tensorflow as tf
 
-from arat_tf.models.branched_classifier import (
-    torch_default_kernel_init,
-    BranchedClassifier,
-    pooled_tap,
+from arat_tf.models.branched_classifier import BranchedClassifier, torch_default_kernel_init
+from arat_tf.models.residual_block import (
+    ResidualBlock,
+    run_residual_blocks,
+    tapped_block_names,
 )
-from arat_tf.models.residual_block import ResidualBlock
 
 RESNET_STAGE_BLOCKS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
@@ -51,6 +51,8 @@ class BasicBlock(ResidualBlock):
     Returns `(output, (bn1, bn2))` where bn1/bn2 are the two BN outputs, bn2 taken before the
     residual add: ARAT's taps on the last stage.
     """
+
+    activation_names = ("bn1", "bn2")
 
     def __init__(self, filters, strides=1, **kwargs):
         super().__init__(filters, strides, **kwargs)
@@ -117,20 +119,11 @@ class ResNet(BranchedClassifier):
 
     @property
     def tap_names(self):
-        return [
-            f"{block.name}.{bn}"
-            for block in self.blocks if block.name.startswith(self._last_stage)
-            for bn in ("bn1", "bn2")
-        ]
+        return tapped_block_names(self.blocks, self._last_stage)
 
     def forward(self, images, training, branch):
         x = tf.nn.relu(self.stem_bn(self.stem_conv(images), training=training, branch=branch))
-        taps = {}
-        for block in self.blocks:
-            x, (bn1, bn2) = block(x, training=training, branch=branch)
-            if block.name.startswith(self._last_stage):
-                taps[f"{block.name}.bn1"] = pooled_tap(bn1)
-                taps[f"{block.name}.bn2"] = pooled_tap(bn2)
+        x, taps = run_residual_blocks(self.blocks, x, self._last_stage, training, branch)
         logits = self.classifier(tf.reduce_mean(x, axis=[1, 2]))
         return logits, taps
 

@@ -4,7 +4,11 @@ import keras
 import tensorflow as tf
 
 from arat_tf.models.branched_classifier import BranchedClassifier, pooled_tap
-from arat_tf.models.residual_block import ResidualBlock
+from arat_tf.models.residual_block import (
+    ResidualBlock,
+    run_residual_blocks,
+    tapped_block_names,
+)
 
 def wrn_conv(filters, kernel_size, strides, name):
     """A bias-free 'same' convolution with the TRADES/ARAT WideResNet initialisation (He-normal,
@@ -22,6 +26,8 @@ class WideBasicBlock(ResidualBlock):
     Returns `(output, (relu1, relu2))`: the activations ARAT taps in WRN-34-10. As in the reference
     implementation, a projecting block applies its shortcut to relu1, an identity block to the input.
     """
+
+    activation_names = ("relu1", "relu2")
 
     def __init__(self, filters, strides=1, **kwargs):
         super().__init__(filters, strides, **kwargs)
@@ -90,21 +96,12 @@ class WideResNet(BranchedClassifier):
 
     @property
     def tap_names(self):
-        names = [
-            f"{block.name}.{relu}"
-            for block in self.blocks if block.name.startswith("group3.")
-            for relu in ("relu1", "relu2")
-        ]
-        return names + ["penultimate"]
+        return tapped_block_names(self.blocks, "group3.") + ["penultimate"]
 
     def forward(self, images, training, branch):
-        x = self.stem_conv(images)
-        taps = {}
-        for block in self.blocks:
-            x, (relu1, relu2) = block(x, training=training, branch=branch)
-            if block.name.startswith("group3."):
-                taps[f"{block.name}.relu1"] = pooled_tap(relu1)
-                taps[f"{block.name}.relu2"] = pooled_tap(relu2)
+        x, taps = run_residual_blocks(
+            self.blocks, self.stem_conv(images), "group3.", training, branch
+        )
         features = pooled_tap(self.final_bn(x, training=training, branch=branch))
         taps["penultimate"] = features
         return self.classifier(features), taps

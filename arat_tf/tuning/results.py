@@ -114,10 +114,10 @@ def write_outputs(oracle, base_config, output_dir, best_run_dir=None, title=None
             f"# Best trial {best['trial_id']} of the search in {output_dir}: objective="
             f"{best['objective']:.4f} (clean {best['clean']:.4f}, robust {best['robust']:.4f}, "
             f"measured on --val_split={base_config.val_split}).\n"
-            f"# Tuned: " + ", ".join(f"{k}={v!r}" for k, v in best["hyperparameters"].items())
+            "# Tuned: " + ", ".join(f"{k}={v!r}" for k, v in best["hyperparameters"].items())
             + "\n# For the final run, train on the whole training set and validate on test, e.g.\n"
-            f"#   python -m arat_tf.train --flagfile=best.flags --train_split=train "
-            f"--val_split=test\n"
+            "#   python -m arat_tf.train --flagfile=best.flags --train_split=train "
+            "--val_split=test\n"
         )
         atomic_write_text(os.path.join(output_dir, "best.flags"),
                           header + config_to_flagfile(best_config))
