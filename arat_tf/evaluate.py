@@ -6,7 +6,6 @@ worst case per example. Prints a table and writes `evaluation.json` next to the 
 """
 
 import datetime
-import json
 import os
 
 from absl import app, flags, logging
@@ -36,14 +35,6 @@ flags.DEFINE_string("output", None, "JSON report path (default: evaluation.json 
 FLAGS = flags.FLAGS
 
 
-def _run_config(run_dir):
-    path = os.path.join(run_dir, "config.json") if run_dir else None
-    if path and os.path.exists(path):
-        with open(path) as stream:
-            return json.load(stream)
-    return {}
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -55,18 +46,18 @@ def main(argv):
         raise app.UsageError("--n_examples must be >= 0 and --batch_size >= 1.")
     logging.set_verbosity(logging.WARNING)
 
-    import keras
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")  # one retrace per BN branch variant is expected here
 
-    import arat_tf  # noqa: F401  (registers the custom objects for load_model)
     from arat_tf.data import DatasetNotAvailableError, dataset_spec, make_eval_dataset
     from arat_tf.evaluation import evaluate_robustness, format_report, resolve_attacks
     from arat_tf.evaluation import swap_branch_parameters
     from arat_tf.io_utils import atomic_write_json
+    from arat_tf.run_files import load_classifier, read_json_object
 
-    config = _run_config(FLAGS.run_dir)
+    config = (FLAGS.run_dir and read_json_object(
+        os.path.join(FLAGS.run_dir, "config.json"), "run config")) or {}
     model_path = FLAGS.model or os.path.join(FLAGS.run_dir, "model.keras")
     dataset = FLAGS.dataset or config.get("dataset")
     if not dataset:
@@ -78,12 +69,7 @@ def main(argv):
         attacks = resolve_attacks(FLAGS.attacks, spec.num_classes, FLAGS.norm)
     except ValueError as error:
         raise app.UsageError(str(error)) from None
-    if not os.path.exists(model_path):
-        raise SystemExit(f"error: no model at {model_path}.")
-    try:
-        classifier = keras.models.load_model(model_path)
-    except Exception as error:  # Keras raises many types for a bad archive.
-        raise SystemExit(f"error: cannot load {model_path}: {type(error).__name__}: {error}") from None
+    classifier = load_classifier(model_path)
     if tuple(classifier.image_shape) != tuple(spec.image_shape):
         raise SystemExit(f"error: {model_path} expects images of shape {classifier.image_shape}, "
                          f"{dataset} has {spec.image_shape}.")

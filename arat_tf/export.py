@@ -7,10 +7,11 @@ one BN branch baked in (default "adv", the branch ARAT reports), written atomica
 `tensorflow_model_server --model_name=x --model_base_path=<abs export_dir>/versions`.
 """
 
-import json
 import os
 
 from absl import app, flags, logging
+
+from arat_tf.run_files import load_classifier, read_json_object
 
 flags.DEFINE_string("run_dir", None, "Run directory of `python -m arat_tf.train` (model.keras, "
                     "config.json, evaluation.json).")
@@ -22,44 +23,6 @@ flags.DEFINE_enum("branch", "adv", ["adv", "clean"], "BN branch baked into the e
 flags.DEFINE_integer("version", None, "Version number (default: 1 + the largest existing one). "
                      "An existing version is never overwritten.", lower_bound=1)
 FLAGS = flags.FLAGS
-
-
-def _read_json(path, what):
-    """The JSON object at `path`; None if there is no such file; a clean exit if it is corrupt."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as stream:
-            value = json.load(stream)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"error: cannot read the {what} {path}: {error}") from None
-    if not isinstance(value, dict):
-        raise SystemExit(f"error: the {what} {path} is not a JSON object.")
-    return value
-
-
-def _load_classifier(model_path):
-    if not os.path.isfile(model_path):
-        raise SystemExit(f"error: model file not found: {model_path}")
-    import keras
-
-    import arat_tf  # noqa: F401  (registers the custom objects for keras.models.load_model)
-    from arat_tf.models import BranchedClassifier
-
-    try:
-        model = keras.models.load_model(model_path, compile=False)
-    except Exception as error:  # Keras raises many types for corrupt/foreign files.
-        message = str(error).strip().splitlines()
-        raise SystemExit(
-            f"error: cannot load the model {model_path}: {type(error).__name__}: "
-            f"{message[0] if message else ''}"
-        ) from None
-    if not isinstance(model, BranchedClassifier):
-        raise SystemExit(
-            f"error: {model_path} holds a {type(model).__name__}, not an arat_tf classifier "
-            "(a model.keras written by arat_tf.train)."
-        )
-    return model
 
 
 def main(argv):
@@ -84,11 +47,11 @@ def main(argv):
             f"{os.path.join(serving.versions_dir(export_dir), str(FLAGS.version))}; refusing to "
             "overwrite a served model (omit --version to take the next free one)."
         )
-    config = _read_json(os.path.join(run_dir, "config.json"), "run config") if run_dir else None
+    config = read_json_object(os.path.join(run_dir, "config.json"), "run config") if run_dir else None
     evaluation = (
-        _read_json(os.path.join(run_dir, "evaluation.json"), "evaluation") if run_dir else None
+        read_json_object(os.path.join(run_dir, "evaluation.json"), "evaluation") if run_dir else None
     )
-    classifier = _load_classifier(model_path)
+    classifier = load_classifier(model_path)
     card = serving.build_model_card(
         classifier, branch=FLAGS.branch, model_path=model_path, config=config,
         evaluation=evaluation, run_dir=run_dir,
