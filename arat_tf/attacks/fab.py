@@ -18,6 +18,7 @@ import numbers
 
 import tensorflow as tf
 
+from arat_tf.attacks.graph_mode import run_compiled
 from arat_tf.attacks.random_keys import rng_key
 
 _TINY = 1e-12
@@ -36,13 +37,6 @@ def _per_example(values, like):
 def _batch_where(mask, a, b):
     """`tf.where` with a per-example [B] mask broadcast over the other axes of `a`."""
     return tf.where(_per_example(mask, a), a, b)
-
-
-def _run_compiled(fn, *args):
-    """Runs `fn` as one graph: eagerly, a fresh `tf.function` (traced once per call); inside one, inline."""
-    if tf.executing_eagerly():
-        return tf.function(fn)(*args)
-    return fn(*args)
 
 
 def project_linf_hyperplane_box(point, w, b):
@@ -216,8 +210,9 @@ def fab_targeted(forward, x, labels, *, eps, steps=100, num_target_classes=9, al
     `clip_[0,1](x_orig + min(eps, best norm so far) / 2 * u / ||u||_inf)`, u ~ U[-1, 1]^d.
 
     FAB minimises the perturbation, so an example is broken only if the closest adversarial
-    point found has `||x_adv - x||_inf <= eps`. Called eagerly, the attack traces itself into
-    one `tf.function` per call; inside a `tf.function` it is built inline.
+    point found has `||x_adv - x||_inf <= eps`. Called eagerly, the attack runs as a
+    `tf.function` compiled once per `forward` and settings (see `graph_mode.run_compiled`);
+    inside a `tf.function` it is built inline.
 
     Args:
       forward: callable `x -> logits` (model in inference mode; see `make_forward`). Must be
@@ -260,7 +255,7 @@ def fab_targeted(forward, x, labels, *, eps, steps=100, num_target_classes=9, al
     labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
     key = rng_key(seed) if restarts > 1 else tf.zeros([2], tf.int64)
 
-    def attack(x, labels, key):
+    def attack(forward, x, labels, key):
         eps_t = tf.cast(eps, x.dtype)
         logits = tf.cast(forward(x), tf.float32)
         num_classes = logits.shape[-1]
@@ -309,5 +304,8 @@ def fab_targeted(forward, x, labels, *, eps, steps=100, num_target_classes=9, al
         success = tf.argmax(forward(x_adv), axis=-1, output_type=tf.int32) != labels
         return x_adv, success
 
-    x_adv, success = _run_compiled(attack, x, labels, key)
+    settings = None if tf.is_tensor(eps) else (
+        "fab_targeted", float(eps), steps, num_target_classes, float(alpha_max), float(eta),
+        float(beta), restarts)
+    x_adv, success = run_compiled(attack, forward, settings, x, labels, key)
     return tf.stop_gradient(x_adv), success

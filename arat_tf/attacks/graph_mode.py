@@ -8,6 +8,8 @@ unaffected, so every attack that is called outside a `tf.function` compiles itse
 
 import weakref
 
+import tensorflow as tf
+
 # forward -> {key: tf.function}. Weak keys, and the functions hold the forward only weakly, so a
 # forward (and the model it closes over) is freed together with its compiled functions.
 _CACHE = weakref.WeakKeyDictionary()
@@ -36,3 +38,20 @@ def compiled_for(forward, key, build):
     if key not in per_forward:
         per_forward[key] = build(forward_ref)
     return per_forward[key]
+
+
+def run_compiled(attack, forward, settings, *args):
+    """Calls `attack(forward, *args)` as one graph.
+
+    Inside a `tf.function` it is built inline. Eagerly, it runs as a `tf.function` cached per
+    (`forward`, `settings`), so an evaluation traces it once, not once per batch. `settings` must
+    hold every Python value `attack` depends on besides its arguments; None (e.g. a tensor
+    setting, which cannot be a cache key) compiles for this call only.
+    """
+    if not tf.executing_eagerly():
+        return attack(forward, *args)
+    if settings is None:
+        return tf.function(attack)(forward, *args)
+    compiled = compiled_for(forward, settings, lambda forward_ref: tf.function(
+        lambda *call_args: attack(forward_ref(), *call_args), reduce_retracing=True))
+    return compiled(*args)

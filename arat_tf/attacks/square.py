@@ -13,6 +13,7 @@ import numbers
 import tensorflow as tf
 
 from arat_tf.attacks import losses
+from arat_tf.attacks.graph_mode import run_compiled
 from arat_tf.attacks.random_keys import rng_key
 
 # Iterations (of a 10,000-query budget) after which p halves, from the paper's schedule.
@@ -81,8 +82,9 @@ def square_linf(forward, x, labels, *, eps, n_queries=5000, p_init=0.8, seed=Non
       strictly lower. An example stops (keeps its state and costs no more queries) once its
       accepted point is misclassified; the loop ends early when all have stopped.
     * The loop is one `tf.while_loop` over iterations with the whole batch vectorised (window
-      masks from `tf.range` comparisons). Called eagerly, the attack traces itself into one
-      `tf.function` per call; inside a `tf.function` it is built inline. `forward` must
+      masks from `tf.range` comparisons). Called eagerly, the attack runs as a `tf.function`
+      compiled once per `forward` and settings (see `graph_mode.run_compiled`); inside a
+      `tf.function` it is built inline. `forward` must
       therefore be built from TF ops, but it is never differentiated.
     * Randomness: stateless Philox ops keyed by `seed` (see `arat_tf.attacks.random_keys.rng_key`), so the same seed gives
       the same result, eagerly or in a graph.
@@ -126,7 +128,7 @@ def square_linf(forward, x, labels, *, eps, n_queries=5000, p_init=0.8, seed=Non
     labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
     key = rng_key(seed)
 
-    def attack(x, labels, key):
+    def attack(forward, x, labels, key):
         eps_t = tf.cast(eps, x.dtype)
         shape = tf.shape(x)
         batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
@@ -205,7 +207,7 @@ def square_linf(forward, x, labels, *, eps, n_queries=5000, p_init=0.8, seed=Non
         success = _predicts_wrong(tf.cast(forward(x_best), tf.float32), labels)
         return x_best, success, queries
 
-    x_adv, success, queries = (
-        tf.function(attack)(x, labels, key) if tf.executing_eagerly() else attack(x, labels, key))
+    settings = None if tf.is_tensor(eps) else ("square_linf", float(eps), n_queries, float(p_init))
+    x_adv, success, queries = run_compiled(attack, forward, settings, x, labels, key)
     x_adv = tf.stop_gradient(x_adv)
     return (x_adv, success, queries) if return_queries else (x_adv, success)
