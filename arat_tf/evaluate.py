@@ -29,7 +29,14 @@ flags.DEFINE_enum("norm", "linf", ["linf", "l2"], "Threat model.")
 flags.DEFINE_list("attacks", ["pgd20", "autoattack"], "Attacks and suites, run in order on the "
                   "examples still unbroken: autoattack, autoattack-fast, pgd<K>[x<R>], cw<K>, "
                   "apgd-ce, apgd-t, fab-t, square.")
-flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.")
+flags.DEFINE_integer("batch_size", 256, "Global evaluation batch size: each batch is split evenly "
+                     "over the replicas of --strategy.")
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                  "Distribution strategy: default (one device), mirrored (all local GPUs, or "
+                  "--cpu_replicas logical CPUs) or multi_worker (MultiWorkerMirroredStrategy from "
+                  "TF_CONFIG; every worker runs the same command, the chief writes the report).")
+flags.DEFINE_integer("cpu_replicas", 0, "With --strategy=mirrored: N >= 1 replicas on N logical "
+                     "CPU devices (for testing); 0: all local GPUs.")
 flags.DEFINE_integer("seed", 0, "Random seed of the attacks.")
 flags.DEFINE_string("output", None, "JSON report path (default: evaluation.json beside the model).")
 FLAGS = flags.FLAGS
@@ -48,6 +55,12 @@ def main(argv):
 
     import tensorflow as tf
 
+    from arat_tf.distribution import DistributionError, is_chief, make_strategy
+
+    try:  # first thing: logical devices and multi-worker runtimes must precede any TF op
+        strategy = make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
+    except DistributionError as error:
+        raise app.UsageError(str(error)) from None
     tf.get_logger().setLevel("ERROR")  # one retrace per BN branch variant is expected here
 
     from arat_tf.data import DatasetNotAvailableError, dataset_spec, make_eval_dataset
@@ -69,7 +82,8 @@ def main(argv):
         attacks = resolve_attacks(FLAGS.attacks, spec.num_classes, FLAGS.norm)
     except ValueError as error:
         raise app.UsageError(str(error)) from None
-    classifier = load_classifier(model_path)
+    with strategy.scope():  # mirrored variables: every replica reads its local copy
+        classifier = load_classifier(model_path)
     if tuple(classifier.image_shape) != tuple(spec.image_shape):
         raise SystemExit(f"error: {model_path} expects images of shape {classifier.image_shape}, "
                          f"{dataset} has {spec.image_shape}.")
@@ -80,6 +94,10 @@ def main(argv):
     except DatasetNotAvailableError as error:
         raise SystemExit(f"error: {error}") from None
 
+    replicas = strategy.num_replicas_in_sync
+    if replicas > 1:
+        print(f"Evaluating on {replicas} replicas (--strategy={FLAGS.strategy}): global batch "
+              f"{FLAGS.batch_size} = about {FLAGS.batch_size // replicas} per replica.")
     common = {
         "model": os.path.abspath(model_path), "dataset": dataset, "split": FLAGS.split,
         "norm": FLAGS.norm, "eps": eps, "suite": "+".join(FLAGS.attacks), "seed": FLAGS.seed,
@@ -89,7 +107,7 @@ def main(argv):
     def evaluate_variant(branch, label):
         forward = tf.function(lambda images: classifier(images, training=False, branch=branch))
         report = evaluate_robustness(forward, data, attacks, eps=eps, norm=FLAGS.norm,
-                                     seed=FLAGS.seed)
+                                     seed=FLAGS.seed, strategy=strategy)
         report.update(common, branch=branch, variant=label)
         print(format_report(report))
         return report
@@ -111,9 +129,9 @@ def main(argv):
     summary["variants"] = reports
     output = FLAGS.output or os.path.join(os.path.dirname(os.path.abspath(model_path)),
                                           "evaluation.json")
-    atomic_write_json(output, summary)
-    print(f"Report: {output}")
-
+    if is_chief(strategy):
+        atomic_write_json(output, summary)
+        print(f"Report: {output}")
 
 
 if __name__ == "__main__":

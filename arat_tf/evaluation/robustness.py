@@ -22,7 +22,123 @@ def _check_inside_ball(x_adv, x, eps, norm, attack_name):
         )
 
 
-def evaluate_robustness(forward, dataset, attacks, *, eps, norm="linf", seed=0, progress=True):
+def _attack_examples(forward, images, labels, attacks, *, eps, norm, seed):
+    """Clean accuracy, then every attack in order on the examples still unbroken, for one batch
+    (or one replica's shard of it).
+
+    Returns the counts `evaluate_robustness` sums: `n_examples`, `n_clean`, and per attack
+    `robust_after` (examples still robust after it), `examples_attacked`, `examples_broken` and
+    `seconds`.
+    """
+    n_attacks = len(attacks)
+    counts = {"n_examples": int(labels.shape[0]), "n_clean": 0, "robust_after": [0] * n_attacks,
+              "examples_attacked": [0] * n_attacks, "examples_broken": [0] * n_attacks,
+              "seconds": [0.0] * n_attacks}
+    if counts["n_examples"] == 0:  # a replica's shard of a last batch smaller than the replicas
+        return counts
+    robust = (tf.argmax(forward(images), axis=-1, output_type=tf.int32) == labels).numpy()
+    counts["n_clean"] = int(robust.sum())
+    for attack_index, attack in enumerate(attacks):
+        indices = np.flatnonzero(robust)
+        if len(indices):
+            x, y = tf.gather(images, indices), tf.gather(labels, indices)
+            start = time.perf_counter()
+            x_adv, _ = attack.run(forward, x, y, eps, norm, seed + attack_index)
+            x_adv = tf.convert_to_tensor(x_adv, tf.float32)
+            counts["seconds"][attack_index] += time.perf_counter() - start
+            _check_inside_ball(x_adv, x, eps, norm, attack.name)
+            broken = (tf.argmax(forward(x_adv), axis=-1, output_type=tf.int32) != y).numpy()
+            robust[indices[broken]] = False
+            counts["examples_attacked"][attack_index] += len(indices)
+            counts["examples_broken"][attack_index] += int(broken.sum())
+        counts["robust_after"][attack_index] = int(robust.sum())
+    return counts
+
+
+def _add_counts(total, counts):
+    for key, value in counts.items():
+        if isinstance(value, list):
+            total[key] = [a + b for a, b in zip(total[key], value)]
+        else:
+            total[key] += value
+
+
+def _sanity_warnings(forward, images, labels):
+    return (sanity.check_outputs_are_logits(forward(images))
+            + sanity.check_input_gradients(forward, images, labels)
+            + sanity.check_deterministic(forward, images))
+
+
+def _attack_batch_on_replicas(strategy, forward, images, labels, attacks, *, eps, norm, seed,
+                              check_sanity=False):
+    """Splits the batch into one contiguous shard per replica (all workers see the same batch and
+    each computes only its own replicas' shards) and attacks the shards in parallel with
+    `strategy.run`. Returns this process' summed counts (other workers' are added at the end)
+    and, with `check_sanity`, the sanity warnings of replica 0's shard.
+
+    Everything that touches the model runs in replica context: there, BN moving statistics
+    (synchronization on read) are the replica's local copy, whereas reading them in cross-replica
+    context under MultiWorkerMirroredStrategy is a collective op that has no gradient.
+
+    Replica r's seeds are offset by `REPLICA_SEED_STRIDE * r`, so replica 0 (and a single device)
+    draws exactly the seeds of the undistributed evaluation.
+    """
+    n_replicas = strategy.num_replicas_in_sync
+    shards = np.array_split(np.arange(int(labels.shape[0])), n_replicas)
+    local_counts, warnings = {}, []
+
+    def attack_shard():
+        replica_id = int(tf.get_static_value(
+            tf.distribute.get_replica_context().replica_id_in_sync_group))
+        index = shards[replica_id]
+        x, y = tf.gather(images, index), tf.gather(labels, index)
+        if check_sanity and replica_id == 0 and len(index):
+            warnings.extend(_sanity_warnings(forward, x, y))
+        local_counts[replica_id] = _attack_examples(
+            forward, x, y, attacks, eps=eps, norm=norm, seed=seed + REPLICA_SEED_STRIDE * replica_id)
+
+    strategy.run(attack_shard)
+    total = _attack_examples(forward, images[:0], labels[:0], attacks, eps=eps, norm=norm, seed=0)
+    for counts in local_counts.values():
+        _add_counts(total, counts)
+    return total, warnings
+
+
+def _sum_over_workers(strategy, total):
+    """Adds the counts of every worker of a multi-worker evaluation (a no-op on one process)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return total
+    keys = [key for key, value in total.items() if not isinstance(value, list)]
+    list_keys = [key for key, value in total.items() if isinstance(value, list)]
+    flat = [float(total[key]) for key in keys] + [float(v) for key in list_keys for v in total[key]]
+    first_local = {}
+
+    def per_replica(context):
+        # Each worker's counts enter the sum once, through its first local replica.
+        worker_first = first_local.setdefault("id", context.replica_id_in_sync_group)
+        own = context.replica_id_in_sync_group == worker_first
+        return tf.constant(flat if own else [0.0] * len(flat), tf.float64)
+
+    summed = strategy.reduce(
+        tf.distribute.ReduceOp.SUM,
+        strategy.experimental_distribute_values_from_function(per_replica), axis=None,
+    ).numpy().tolist()
+    result, position = {}, 0
+    for key in keys:
+        result[key] = summed[position] if key == "seconds" else int(round(summed[position]))
+        position += 1
+    for key in list_keys:
+        values = summed[position:position + len(total[key])]
+        result[key] = values if key == "seconds" else [int(round(v)) for v in values]
+        position += len(total[key])
+    return result
+
+
+REPLICA_SEED_STRIDE = 100_003
+
+
+def evaluate_robustness(forward, dataset, attacks, *, eps, norm="linf", seed=0, progress=True,
+                        strategy=None):
     """Robust accuracy as the per-example worst case over `attacks`, run in order.
 
     Each attack only sees the examples that are correctly classified and unbroken by every earlier
@@ -39,16 +155,19 @@ def evaluate_robustness(forward, dataset, attacks, *, eps, norm="linf", seed=0, 
         norm: "linf" or "l2".
         seed: base random seed (each batch and attack gets its own, reproducibly).
         progress: show a Keras progress bar over batches.
+        strategy: optional `tf.distribute.Strategy` with several replicas (the model's variables
+            created under its scope): every batch is split into one shard per replica, attacked
+            in parallel; with several workers, every worker iterates the same `dataset` and the
+            counts are summed over workers at the end. Per-attack `seconds` are then summed over
+            replicas. One replica gives exactly the undistributed result.
 
     Returns:
         A dict: `n_examples`, `clean_accuracy`, `robust_accuracy`, `attacks` (per attack: name,
-        robust accuracy after it, examples attacked, examples broken, seconds, white_box) and
-        `warnings` (sanity checks).
+        robust accuracy after it, examples attacked, examples broken, seconds, white_box),
+        `warnings` (sanity checks) and `replicas`.
     """
-    # By position, not by name: the same attack may be listed twice (e.g. apgd-ce,autoattack).
-    totals = [{"examples_attacked": 0, "examples_broken": 0, "seconds": 0.0} for _ in attacks]
-    robust_after = [0 for _ in attacks]
-    n_examples = n_clean = 0
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    total = None
     warnings = []
     cardinality = int(dataset.cardinality())
     progress_bar = keras.utils.Progbar(cardinality if cardinality > 0 else None,
@@ -56,42 +175,44 @@ def evaluate_robustness(forward, dataset, attacks, *, eps, norm="linf", seed=0, 
     for batch_index, (images, labels) in enumerate(dataset):
         images = tf.convert_to_tensor(images, tf.float32)
         labels = tf.cast(labels, tf.int32)
-        logits = forward(images)
-        if batch_index == 0:
-            warnings += sanity.check_outputs_are_logits(logits)
-            warnings += sanity.check_input_gradients(forward, images, labels)
-            warnings += sanity.check_deterministic(forward, images)
-        robust = (tf.argmax(logits, axis=-1, output_type=tf.int32) == labels).numpy()
-        n_examples += len(robust)
-        n_clean += int(robust.sum())
-        for attack_index, attack in enumerate(attacks):
-            indices = np.flatnonzero(robust)
-            if len(indices):
-                x, y = tf.gather(images, indices), tf.gather(labels, indices)
-                start = time.perf_counter()
-                x_adv, _ = attack.run(forward, x, y, eps, norm, seed + 1000 * batch_index + attack_index)
-                x_adv = tf.convert_to_tensor(x_adv, tf.float32)
-                totals[attack_index]["seconds"] += time.perf_counter() - start
-                _check_inside_ball(x_adv, x, eps, norm, attack.name)
-                broken = (tf.argmax(forward(x_adv), axis=-1, output_type=tf.int32) != y).numpy()
-                robust[indices[broken]] = False
-                totals[attack_index]["examples_attacked"] += len(indices)
-                totals[attack_index]["examples_broken"] += int(broken.sum())
-            robust_after[attack_index] += int(robust.sum())
-        progress_bar.add(1, values=[("clean", n_clean / n_examples),
-                                    ("robust", robust_after[-1] / n_examples)])
+        batch_seed = seed + 1000 * batch_index
+        if replicas > 1:
+            counts, batch_warnings = _attack_batch_on_replicas(
+                strategy, forward, images, labels, attacks, eps=eps, norm=norm, seed=batch_seed,
+                check_sanity=batch_index == 0)
+            warnings += batch_warnings
+        else:
+            if batch_index == 0:
+                warnings += _sanity_warnings(forward, images, labels)
+            counts = _attack_examples(forward, images, labels, attacks, eps=eps, norm=norm,
+                                      seed=batch_seed)
+        if total is None:
+            total = counts
+        else:
+            _add_counts(total, counts)
+        progress_bar.add(1, values=[("clean", total["n_clean"] / max(total["n_examples"], 1)),
+                                    ("robust", total["robust_after"][-1]
+                                     / max(total["n_examples"], 1))])
+    if total is None:
+        total = _attack_examples(forward, tf.zeros((0, 1)), tf.zeros((0,), tf.int32), attacks,
+                                 eps=eps, norm=norm, seed=0)
+    total = _sum_over_workers(strategy, total)
+    n_examples = max(total["n_examples"], 1)
+    # By position, not by name: the same attack may be listed twice (e.g. apgd-ce,autoattack).
     results = [
-        {"name": attack.name, "robust_accuracy": robust_after[index] / max(n_examples, 1),
-         "white_box": attack.white_box, **totals[index]}
+        {"name": attack.name, "robust_accuracy": total["robust_after"][index] / n_examples,
+         "white_box": attack.white_box, "examples_attacked": total["examples_attacked"][index],
+         "examples_broken": total["examples_broken"][index], "seconds": total["seconds"][index]}
         for index, attack in enumerate(attacks)
     ]
     warnings += sanity.check_black_box_not_stronger(results)
     return {
-        "n_examples": n_examples,
-        "clean_accuracy": n_clean / max(n_examples, 1),
-        "robust_accuracy": robust_after[-1] / max(n_examples, 1),
+        "n_examples": total["n_examples"],
+        "clean_accuracy": total["n_clean"] / n_examples,
+        "robust_accuracy": total["robust_after"][-1] / n_examples,
         "attacks": results,
         "warnings": warnings,
+        "replicas": replicas,
     }
 
 

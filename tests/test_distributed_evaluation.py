@@ -1,0 +1,173 @@
+"""Robustness evaluation under tf.distribute.MirroredStrategy with 2 logical CPU devices (in a
+subprocess: logical devices must be configured before TensorFlow initialises)."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent(
+    """
+    import json
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    import numpy as np
+    from arat_tf.evaluation import resolve_attacks
+    from arat_tf.evaluation import robustness
+    from arat_tf.models import build_model
+
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = build_model("small_cnn", num_classes=10, image_shape=(28, 28, 1))
+    rng = np.random.default_rng(0)
+    x = rng.random((17, 28, 28, 1), dtype=np.float32)
+    # Labels = the model's own predictions on 12 of 17 examples, so the attacks have work to do.
+    predicted = np.argmax(model(x, training=False).numpy(), -1)
+    y = np.where(np.arange(17) < 12, predicted, (predicted + 1) % 10).astype("int32")
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(7)  # last batch: 3 -> shards of 2 and 1
+    forward = tf.function(lambda images: model(images, training=False, branch="adv"))
+    attacks = resolve_attacks(["pgd5", "apgd-ce"], 10, "linf")
+    eps = 0.03
+
+    distributed = robustness.evaluate_robustness(forward, data, attacks, eps=eps, seed=5,
+                                                 progress=False, strategy=strategy)
+    # The same shards attacked one after the other, outside the strategy, with the seeds the
+    # replicas must have used.
+    expected = None
+    for batch_index, (images, labels) in enumerate(data):
+        for replica, index in enumerate(np.array_split(np.arange(len(labels)), 2)):
+            counts = robustness._attack_examples(
+                forward, tf.gather(images, index), tf.gather(labels, index), attacks, eps=eps,
+                norm="linf",
+                seed=5 + 1000 * batch_index + robustness.REPLICA_SEED_STRIDE * replica)
+            if expected is None:
+                expected = counts
+            else:
+                robustness._add_counts(expected, counts)
+    print(json.dumps({"distributed": distributed, "expected": expected,
+                      "replicas": strategy.num_replicas_in_sync}))
+    """
+)
+
+
+def test_two_replicas_attack_their_shards_with_their_own_seeds():
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    distributed, expected = report["distributed"], report["expected"]
+    assert report["replicas"] == distributed["replicas"] == 2
+    assert distributed["n_examples"] == expected["n_examples"] == 17
+    assert distributed["clean_accuracy"] == pytest.approx(expected["n_clean"] / 17)
+    assert distributed["clean_accuracy"] == pytest.approx(12 / 17)
+    assert [a["examples_attacked"] for a in distributed["attacks"]] == expected["examples_attacked"]
+    assert [a["examples_broken"] for a in distributed["attacks"]] == expected["examples_broken"]
+    assert [a["robust_accuracy"] * 17 for a in distributed["attacks"]] == pytest.approx(
+        expected["robust_after"])
+    # Every correctly classified example was attacked once by the first attack.
+    assert distributed["attacks"][0]["examples_attacked"] == 12
+
+
+def test_cli_on_two_cpu_replicas_matches_one_device_on_clean_accuracy(tmp_path, shared_tfds_dir):
+    import keras
+
+    from arat_tf.models import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model("resnet", num_classes=10, image_shape=(32, 32, 3), depth=10, width=0.125)
+    model_path = tmp_path / "model.keras"
+    model.save(model_path)
+    reports = {}
+    for name, extra in (("one", []), ("two", ["--strategy=mirrored", "--cpu_replicas=2"])):
+        output = tmp_path / f"{name}.json"
+        result = subprocess.run(
+            [sys.executable, "-m", "arat_tf.evaluate", f"--model={model_path}", "--dataset=cifar10",
+             f"--data_dir={shared_tfds_dir}", "--n_examples=24", "--batch_size=12",
+             "--attacks=pgd3", f"--output={output}", *extra],
+            cwd=REPO, capture_output=True, text=True, timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports[name] = json.loads(output.read_text())
+    assert "Evaluating on 2 replicas" in result.stdout
+    assert reports["one"]["replicas"] == 1 and reports["two"]["replicas"] == 2
+    assert reports["two"]["n_examples"] == reports["one"]["n_examples"] == 24
+    assert reports["two"]["clean_accuracy"] == reports["one"]["clean_accuracy"]
+    assert (reports["two"]["attacks"][0]["examples_attacked"]
+            == round(24 * reports["one"]["clean_accuracy"]))
+
+
+def test_cli_rejects_cpu_replicas_without_mirrored(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "arat_tf.evaluate", f"--model={tmp_path / 'm.keras'}",
+         "--dataset=cifar10", "--cpu_replicas=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "cpu_replicas only applies to strategy 'mirrored'" in result.stderr
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_two_workers_on_localhost_sum_their_shards_and_only_the_chief_writes(
+        tmp_path, shared_tfds_dir):
+    import keras
+
+    from arat_tf.models import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model("resnet", num_classes=10, image_shape=(32, 32, 3), depth=10, width=0.125)
+    model_path = tmp_path / "model.keras"
+    model.save(model_path)
+    common = [sys.executable, "-m", "arat_tf.evaluate", f"--model={model_path}",
+              "--dataset=cifar10", f"--data_dir={shared_tfds_dir}", "--n_examples=20",
+              "--batch_size=10", "--attacks=pgd3"]
+    single = subprocess.run(common + [f"--output={tmp_path / 'single.json'}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    processes = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": {"worker": workers},
+                                "task": {"type": "worker", "index": index}})
+        processes.append(subprocess.Popen(
+            common + ["--strategy=multi_worker", f"--output={tmp_path / f'worker{index}.json'}"],
+            cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": tf_config,
+                           "CUDA_VISIBLE_DEVICES": ""},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    try:
+        results = [process.communicate(timeout=600) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    for process, (_, stderr) in zip(processes, results):
+        assert process.returncode == 0, stderr[-4000:]
+    assert not (tmp_path / "worker1.json").exists()
+    one, two = (json.loads((tmp_path / name).read_text()) for name in ("single.json", "worker0.json"))
+    assert two["replicas"] == 2
+    # Each worker attacked its half of every batch; the chief's report sums both halves.
+    assert two["n_examples"] == one["n_examples"] == 20
+    assert two["clean_accuracy"] == one["clean_accuracy"]
+    assert two["attacks"][0]["examples_attacked"] == round(20 * one["clean_accuracy"])
