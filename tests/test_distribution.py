@@ -71,7 +71,7 @@ ONE_STEP_SCRIPT = textwrap.dedent(
             eps=8 / 255, attack_steps=3, attack_step_size=2 / 255, attack_start="zero",
             attack_bn_mode="inference", learning_rate=0.1, momentum=0.0, weight_decay=0.0,
             lr_schedule="constant", ce_weights="fixed", batch_size=16, epochs=1,
-            use_predictor=False,  # its BN is never synchronised: see the test's docstring
+            use_predictor=True,  # its BN follows synchronized_bn, so it must match too
         ).resolve()
         keras.utils.set_random_seed(0)
         with strategy.scope():
@@ -103,9 +103,7 @@ def test_one_step_on_two_replicas_equals_one_device_with_synchronized_bn(tmp_pat
     `x + 0.001 * N(0, 1)` (the KL gradient at x itself is zero, so a zero start would make the
     sign steps follow round-off noise); per-replica random streams cannot reproduce the
     single-device noise, so the script replaces it with a deterministic function of the pixels.
-    ARAT runs without its predictor head: the predictor's BatchNormalization
-    (`arat_tf.layers.predictor.Predictor`) is a plain per-replica Keras BN that ignores
-    `synchronized_bn`, so with the predictor a 2-replica step differs from a 1-device step.
+    ARAT runs with its predictor heads, whose BatchNormalization follows `synchronized_bn`.
     """
     script = tmp_path / "one_step.py"
     script.write_text(ONE_STEP_SCRIPT)
