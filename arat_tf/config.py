@@ -100,6 +100,9 @@ class TrainConfig:
     seed: int = _field(0, "Random seed.")
     verbose: int = _field(1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.", None)
     jit_compile: bool = _field(False, "Compile the train step with XLA.")
+    analyze_every_steps: int = _field(0, "Every N training steps, write the gradient-conflict and "
+                                         "mixture analyses of one fixed batch of training images "
+                                         "to run_dir/analysis/step_<k>.json (0: off).")
     # Distribution.
     strategy: str = _field("default", "Distribution strategy: default (one device), mirrored (all "
                                       "local GPUs, or --cpu_replicas logical CPUs) or multi_worker "
@@ -121,7 +124,7 @@ class TrainConfig:
         for name in positive_ints:
             if getattr(self, name) < 1:
                 errors.append(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("train_subset", "val_subset", "depth"):
+        for name in ("train_subset", "val_subset", "depth", "analyze_every_steps"):
             if getattr(self, name) < 0:
                 errors.append(f"--{name} must be >= 0, got {getattr(self, name)}")
         non_negative = ("eps", "attack_step_size", "val_attack_step_size", "invariance_weight",

@@ -10,6 +10,7 @@ The CLI (`arat_tf.train`) and the tuner call this one function; it owns the run 
       tensorboard/     TensorBoard logs
       checkpoints/     trainer + optimizer state after every epoch (for --resume)
       model.keras      the trained classifier (both BN branches; no predictor heads)
+      analysis/        step_<k>.json every --analyze_every_steps steps (arat_tf.analysis)
 
 Under `--strategy=multi_worker` only the chief writes the run directory; every other worker
 restores from its checkpoints (for --resume, the run directory must be on a shared file system)
@@ -26,6 +27,7 @@ import tensorflow as tf
 from absl import logging
 
 from arat_tf import callbacks as run_callbacks
+from arat_tf.analysis.callback import AnalysisCallback
 from arat_tf.attacks import AttackConfig
 from arat_tf.distribution import DistributionError, is_chief, make_strategy
 from arat_tf.data import count_examples, dataset_spec, make_eval_dataset, make_train_dataset
@@ -302,6 +304,11 @@ def _train(config, strategy, chief, private_dir):
         callbacks.append(
             keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), update_freq="epoch")
         )
+    if config.analyze_every_steps:
+        callbacks.append(AnalysisCallback(
+            trainer, next(iter(probe_data)), config.analyze_every_steps,
+            os.path.join(run_dir, "analysis"), write=chief,
+        ))
     callbacks.append(checkpoint)
     if first_epoch < config.epochs:
         trainer.fit(
