@@ -6,6 +6,7 @@ pixel space; any normalisation belongs inside the model.
 
 import dataclasses
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -31,6 +32,11 @@ SUPPORTED_DATASETS = {
 }
 
 AUGMENTATIONS = ("crop_flip", "crop", "none")
+
+# A split string "tfrecord:<path>" names a split materialised by `serialize_example` (the pipeline's
+# ExampleGen) instead of a TFDS split, so training, tuning and evaluation read the very examples a
+# pipeline versioned. The images stay uint8, exactly as TFDS yields them.
+TFRECORD_SPLIT_PREFIX = "tfrecord:"
 
 
 class DatasetNotAvailableError(FileNotFoundError):
@@ -63,10 +69,56 @@ def _check_subset(subset):
         raise ValueError(f"subset must be an integer >= 1 or None, got {subset!r}.")
 
 
+def serialize_example(image, label):
+    """One uint8 (H, W, C) image and its label as a serialised `tf.train.Example` (raw bytes).
+
+    The format read back by a "tfrecord:<path>" split (see `TFRECORD_SPLIT_PREFIX`).
+
+    Example:
+        >>> writer.write(serialize_example(np.zeros((32, 32, 3), np.uint8), 3))
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3:
+        raise ValueError(f"serialize_example expects a uint8 (H, W, C) image, received "
+                         f"{image.dtype.name} of shape {image.shape}.")
+    feature = {
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def _read_tfrecord_split(path, spec):
+    """(uint8 image, int64 label) pairs of a file written with `serialize_example`."""
+    if not tf.io.gfile.exists(path):
+        raise DatasetNotAvailableError(f"Materialised split {path!r} does not exist.")
+    features = {"image": tf.io.FixedLenFeature([], tf.string),
+                "label": tf.io.FixedLenFeature([], tf.int64)}
+
+    def parse(record):
+        parsed = tf.io.parse_single_example(record, features)
+        image = tf.reshape(tf.io.decode_raw(parsed["image"], tf.uint8), spec.image_shape)
+        return image, parsed["label"]
+
+    records = tf.data.TFRecordDataset(path)
+    # Reading the raw records is cheap; a known size gives steps per epoch like a TFDS split.
+    count = int(records.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+    records = records.apply(tf.data.experimental.assert_cardinality(count))
+    return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def load_raw_split(name, split, *, data_dir=None, download=False, subset=None):
+    """Like `load_split` but the images stay uint8 (0-255), as stored: for materialising splits."""
+    return _load_raw(name, split, data_dir, download, subset)
+
+
 def _load_raw(name, split, data_dir, download, subset):
     """Loads (uint8 image, label) pairs after checking that the data is there and has the spec's shape."""
     spec = dataset_spec(name)
     _check_subset(subset)
+    if split.startswith(TFRECORD_SPLIT_PREFIX):
+        ds = _read_tfrecord_split(split[len(TFRECORD_SPLIT_PREFIX):], spec)
+        return ds.take(int(subset)) if subset is not None else ds
     builder = tfds.builder(name, data_dir=data_dir)
     searched = data_dir if data_dir is not None else tfds.core.constants.DATA_DIR
     if not builder.is_prepared():
