@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pathlib
+import socket
 
 import keras
 import pytest
@@ -24,3 +25,20 @@ def shared_tfds_dir():
     if not (SHARED_TFDS_DIR / "cifar10").is_dir():
         pytest.skip(f"shared TFDS data dir not found at {SHARED_TFDS_DIR}")
     return str(SHARED_TFDS_DIR)
+
+
+@pytest.fixture
+def free_ports():
+    """`free_ports(n)`: n TCP ports on 127.0.0.1 free right now (for localhost clusters)."""
+
+    def allocate(count):
+        sockets = [socket.socket() for _ in range(count)]
+        try:
+            for sock in sockets:
+                sock.bind(("127.0.0.1", 0))
+            return [sock.getsockname()[1] for sock in sockets]
+        finally:
+            for sock in sockets:
+                sock.close()
+
+    return allocate

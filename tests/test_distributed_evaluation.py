@@ -4,7 +4,6 @@ subprocess: logical devices must be configured before TensorFlow initialises).""
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import textwrap
@@ -118,19 +117,8 @@ def test_cli_rejects_cpu_replicas_without_mirrored(tmp_path):
     assert "cpu_replicas only applies to strategy 'mirrored'" in result.stderr
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def test_two_workers_on_localhost_sum_their_shards_and_only_the_chief_writes(
-        tmp_path, shared_tfds_dir):
+        tmp_path, shared_tfds_dir, free_ports):
     import keras
 
     from arat_tf.models import build_model
@@ -145,7 +133,7 @@ def test_two_workers_on_localhost_sum_their_shards_and_only_the_chief_writes(
     single = subprocess.run(common + [f"--output={tmp_path / 'single.json'}"], cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes = []
     for index in range(2):
         tf_config = json.dumps({"cluster": {"worker": workers},

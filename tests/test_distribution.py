@@ -6,7 +6,6 @@ MultiWorkerMirroredStrategy must be set up before TensorFlow initialises its run
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -159,23 +158,13 @@ WORKER_SCRIPT = textwrap.dedent(
 )
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def test_two_worker_run_on_localhost_gives_identical_weights_and_only_the_chief_writes(tmp_path):
+def test_two_worker_run_on_localhost_gives_identical_weights_and_only_the_chief_writes(tmp_path,
+                                                                                       free_ports):
     if not (TFDS_DIR / "mnist").is_dir():
         pytest.skip(f"shared TFDS mnist not found at {TFDS_DIR}")
     script = tmp_path / "worker.py"
     script.write_text(WORKER_SCRIPT)
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes = []
     for index in range(2):
         tf_config = json.dumps({"cluster": {"worker": workers},

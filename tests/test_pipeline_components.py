@@ -18,16 +18,24 @@ from pipeline.fingerprints import directory_fingerprint
 from pipeline.metadata import MetadataStore
 
 
-def test_example_gen_materialises_splits_that_arat_tf_reads_back(tmp_path, shared_tfds_dir):
-    from arat_tf.data import load_split, make_eval_dataset, make_train_dataset
-
+def materialise_mnist(tmp_path, data_dir, subsets):
+    """ExampleGen run on MNIST into tmp_path/examples: `(component, properties, Examples artifact)`."""
     out = tmp_path / "examples"
     out.mkdir()
     component = ExampleGen(dataset="mnist",
                            splits={"train": "train[:90%]", "val": "train[90%:]", "test": "test"},
-                           subsets={"train": 96, "val": 40, "test": 30}, data_dir=shared_tfds_dir)
+                           subsets=subsets, data_dir=data_dir)
     properties = component.execute({}, {"examples": OutputLocation(str(out), str(out))})
     examples = Artifact(EXAMPLES, str(out), properties["examples"], directory_fingerprint(str(out)))
+    return component, properties, examples
+
+
+def test_example_gen_materialises_splits_that_arat_tf_reads_back(tmp_path, shared_tfds_dir):
+    from arat_tf.data import load_split, make_eval_dataset, make_train_dataset
+
+    component, properties, examples = materialise_mnist(
+        tmp_path, shared_tfds_dir, {"train": 96, "val": 40, "test": 30})
+    out = tmp_path / "examples"
     stats = json.loads((out / "stats.json").read_text())
     assert properties["examples"]["counts"] == {"train": 96, "val": 40, "test": 30}
     assert sum(stats["splits"]["train"]["label_histogram"]) == 96
@@ -170,13 +178,7 @@ def test_trainer_resumes_a_crashed_run_from_its_work_directory(tmp_path, shared_
     from pipeline.components import Trainer
     from pipeline.components.training_config import config_on_examples, training_parameters
 
-    out = tmp_path / "examples"
-    out.mkdir()
-    example_gen = ExampleGen(dataset="mnist",
-                             splits={"train": "train[:90%]", "val": "train[90%:]", "test": "test"},
-                             subsets={"train": 64, "val": 32, "test": 8}, data_dir=shared_tfds_dir)
-    properties = example_gen.execute({}, {"examples": OutputLocation(str(out), str(out))})
-    examples = Artifact(EXAMPLES, str(out), properties["examples"], directory_fingerprint(str(out)))
+    _, _, examples = materialise_mnist(tmp_path, shared_tfds_dir, {"train": 64, "val": 32, "test": 8})
     config = TrainConfig(dataset="mnist", method="pgd_at", model="small_cnn", width=0.25, epochs=2,
                          batch_size=32, attack_steps=1, val_attack_steps=1, verbose=0).resolve()
     parameters = training_parameters(config)
