@@ -4,8 +4,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import json
 import pathlib
 import socket
+import subprocess
 
 import keras
 import pytest
@@ -42,3 +44,30 @@ def free_ports():
                 sock.close()
 
     return allocate
+
+
+@pytest.fixture
+def run_worker_cluster(free_ports):
+    """`run_worker_cluster(command, cwd, env, count=2)`: starts `count` processes, worker i running
+    `command(i)` with a TF_CONFIG for a localhost cluster of `count` workers, and returns their
+    `(returncode, stdout, stderr)` once all have ended (10 minutes at most)."""
+
+    def run(command, cwd, env, count=2):
+        workers = [f"127.0.0.1:{port}" for port in free_ports(count)]
+        processes = []
+        for index in range(count):
+            tf_config = json.dumps({"cluster": {"worker": workers},
+                                    "task": {"type": "worker", "index": index}})
+            processes.append(subprocess.Popen(
+                command(index), cwd=cwd, env={**env, "TF_CONFIG": tf_config},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        try:
+            outputs = [process.communicate(timeout=600) for process in processes]
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+        return [(process.returncode, stdout, stderr)
+                for process, (stdout, stderr) in zip(processes, outputs)]
+
+    return run

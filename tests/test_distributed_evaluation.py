@@ -118,7 +118,7 @@ def test_cli_rejects_cpu_replicas_without_mirrored(tmp_path):
 
 
 def test_two_workers_on_localhost_sum_their_shards_and_only_the_chief_writes(
-        tmp_path, shared_tfds_dir, free_ports):
+        tmp_path, shared_tfds_dir, run_worker_cluster):
     import keras
 
     from arat_tf.models import build_model
@@ -133,25 +133,12 @@ def test_two_workers_on_localhost_sum_their_shards_and_only_the_chief_writes(
     single = subprocess.run(common + [f"--output={tmp_path / 'single.json'}"], cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
-    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    processes = []
-    for index in range(2):
-        tf_config = json.dumps({"cluster": {"worker": workers},
-                                "task": {"type": "worker", "index": index}})
-        processes.append(subprocess.Popen(
-            common + ["--strategy=multi_worker", f"--output={tmp_path / f'worker{index}.json'}"],
-            cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": tf_config,
-                           "CUDA_VISIBLE_DEVICES": ""},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
-    try:
-        results = [process.communicate(timeout=600) for process in processes]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-    for process, (_, stderr) in zip(processes, results):
-        assert process.returncode == 0, stderr[-4000:]
+    results = run_worker_cluster(
+        lambda index: common + ["--strategy=multi_worker",
+                                f"--output={tmp_path / f'worker{index}.json'}"],
+        cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""})
+    for returncode, _, stderr in results:
+        assert returncode == 0, stderr[-4000:]
     assert not (tmp_path / "worker1.json").exists()
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("single.json", "worker0.json"))
     assert two["replicas"] == 2

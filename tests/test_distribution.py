@@ -158,31 +158,18 @@ WORKER_SCRIPT = textwrap.dedent(
 )
 
 
-def test_two_worker_run_on_localhost_gives_identical_weights_and_only_the_chief_writes(tmp_path,
-                                                                                       free_ports):
+def test_two_worker_run_on_localhost_gives_identical_weights_and_only_the_chief_writes(
+        tmp_path, run_worker_cluster):
     if not (TFDS_DIR / "mnist").is_dir():
         pytest.skip(f"shared TFDS mnist not found at {TFDS_DIR}")
     script = tmp_path / "worker.py"
     script.write_text(WORKER_SCRIPT)
-    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    processes = []
-    for index in range(2):
-        tf_config = json.dumps({"cluster": {"worker": workers},
-                                "task": {"type": "worker", "index": index}})
-        processes.append(subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path / f"run{index}"), str(TFDS_DIR),
-             str(tmp_path / f"weights{index}.npz")],
-            cwd=REPO, env=_env(TF_CONFIG=tf_config), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
-        ))
-    try:
-        results = [process.communicate(timeout=600) for process in processes]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-    for process, (stdout, stderr) in zip(processes, results):
-        assert process.returncode == 0 and "RECORDS 2" in stdout, stderr[-4000:]
+    results = run_worker_cluster(
+        lambda index: [sys.executable, str(script), str(tmp_path / f"run{index}"), str(TFDS_DIR),
+                       str(tmp_path / f"weights{index}.npz")],
+        cwd=REPO, env=_env())
+    for returncode, stdout, stderr in results:
+        assert returncode == 0 and "RECORDS 2" in stdout, stderr[-4000:]
     chief, other = (dict(np.load(tmp_path / f"weights{i}.npz")) for i in range(2))
     assert set(chief) == set(other) and chief
     for name in chief:
