@@ -85,8 +85,11 @@ def build_trainer(config, classifier):
     return trainer_class(classifier, **common)
 
 
-def build_datasets(config, spec):
-    """`(train, validation, auto-balance probe, steps_per_epoch)` datasets of a resolved config."""
+def build_datasets(config, spec, replicas=1):
+    """`(train, validation, auto-balance probe, steps_per_epoch)` datasets of a resolved config.
+
+    With several `replicas`, validation keeps full batches only (`full_batches_for_replicas`).
+    """
     data_dir = config.data_dir or None
     train = make_train_dataset(
         config.dataset, batch_size=config.batch_size, data_dir=data_dir, split=config.train_split,
@@ -107,6 +110,9 @@ def build_datasets(config, spec):
         config.dataset, batch_size=config.eval_batch_size, data_dir=data_dir,
         split=config.train_split, subset=config.auto_balance_examples, download=config.download,
     )
+    if replicas > 1:
+        validation, kept = full_batches_for_replicas(validation, config.eval_batch_size, replicas)
+        print(f"Validation on {kept} examples (full batches, split over {replicas} replicas).")
     return train, validation, probe, steps_per_epoch
 
 
@@ -248,13 +254,9 @@ def _train(config, strategy, chief, private_dir):
     checkpoint_dir = os.path.join(run_dir, "checkpoints")
     _check_run_dir(config, checkpoint_dir)
 
-    train_data, validation_data, probe_data, steps_per_epoch = build_datasets(config, spec)
     replicas = strategy.num_replicas_in_sync
-    if replicas > 1:
-        validation_data, kept = full_batches_for_replicas(
-            validation_data, config.eval_batch_size, replicas
-        )
-        print(f"Validation on {kept} examples (full batches, split over {replicas} replicas).")
+    train_data, validation_data, probe_data, steps_per_epoch = build_datasets(config, spec,
+                                                                              replicas)
     if strategy.extended._in_multi_worker_mode():  # pylint: disable=protected-access
         train_data, validation_data = (
             _shard_by_data(train_data), _shard_by_data(validation_data)

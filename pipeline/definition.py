@@ -78,7 +78,8 @@ class PipelineOptions:
 def build_components(config, options, strategy=None):
     """The pipeline's components, in order, for a `TrainConfig` and `PipelineOptions`.
 
-    `strategy` is a prebuilt `tf.distribute.Strategy` for the Trainer and Tuner (None: default).
+    `strategy` is a prebuilt `tf.distribute.Strategy` for the Tuner, the Trainer and the
+    Evaluator (None: default).
     """
     training = training_parameters(config)
     example_gen = ExampleGen(
@@ -108,7 +109,7 @@ def build_components(config, options, strategy=None):
         branch=config.eval_branch, seed=options.eval_seed, batch_size=options.eval_batch_size,
         min_clean_accuracy=options.min_clean_accuracy,
         min_robust_accuracy=options.min_robust_accuracy, tolerance=options.baseline_tolerance,
-        serving_dir=options.serving_path)
+        serving_dir=options.serving_path, strategy=strategy)
     pusher = Pusher(
         model=trainer.output("model"), blessing=evaluator.output("blessing"),
         evaluation=evaluator.output("evaluation"), branch=config.eval_branch,

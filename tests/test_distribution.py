@@ -246,3 +246,19 @@ def test_default_strategy_is_chief_and_logical_devices_after_start_up_are_refuse
     assert is_chief(make_strategy("default"))
     with pytest.raises(DistributionError, match="already initialised"):
         make_strategy("mirrored", cpu_replicas=len(tf.config.list_logical_devices("CPU")) + 1)
+
+
+def test_validation_keeps_full_batches_under_several_replicas(shared_tfds_dir):
+    """A short last validation batch would be split [eval_batch / 2, rest] by tf.distribute and
+    leave a replica (nearly) empty: training and tuning both validate on full batches only."""
+    from arat_tf.config import TrainConfig
+    from arat_tf.data import dataset_spec
+    from arat_tf.training import build_datasets
+
+    config = TrainConfig(dataset="mnist", data_dir=shared_tfds_dir, train_subset=64,
+                         val_subset=70, batch_size=32, eval_batch_size=32).resolve()
+    _, single, _, _ = build_datasets(config, dataset_spec("mnist"))
+    _, multi, _, _ = build_datasets(config, dataset_spec("mnist"), replicas=2)
+    assert [int(labels.shape[0]) for _, labels in single] == [32, 32, 6]
+    assert [int(labels.shape[0]) for _, labels in multi] == [32, 32]
+    assert int(multi.cardinality()) == 2

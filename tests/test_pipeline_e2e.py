@@ -5,6 +5,7 @@ messages for bad input.
 The default test shrinks configs/pipeline_smoke.flags (1 tuner trial, 1 epoch, 256 images) to
 about a minute; the slow one runs the flagfile unmodified (a few minutes)."""
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -134,3 +135,21 @@ def test_paper_scale_flagfile_is_valid(tmp_path):
                                                        "Pusher"]
     assert "'depth': 18" in lines[1] and "'autoattack'" in lines[2]
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.slow
+def test_pipeline_on_two_cpu_replicas(tmp_path):
+    """Tuner, Trainer and Evaluator under MirroredStrategy, with a validation set whose last
+    batch is short."""
+    if not (TFDS_DIR / "cifar10").is_dir():
+        pytest.skip(f"shared TFDS data dir with cifar10 not found at {TFDS_DIR}")
+    root = tmp_path / "pipeline"
+    result = run_pipeline(root, *QUICK, "--val_subset=100", "--eval_batch_size=64",
+                          "--strategy=mirrored", "--cpu_replicas=2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "split over 2 replicas" in result.stdout
+    statuses, _ = executions(root)
+    assert statuses[1] == {name: "complete" for name in COMPONENTS}
+    [evaluation_dir] = (root / "Evaluator" / "evaluation").iterdir()
+    report = json.loads((evaluation_dir / "evaluation.json").read_text())
+    assert report["replicas"] == 2 and report["n_examples"] == 100

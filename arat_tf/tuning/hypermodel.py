@@ -93,13 +93,20 @@ class AdversarialHyperModel(kt.HyperModel):
         return apply_trial(self.base_config, trial_values(hp)).resolve()
 
     def datasets(self, config):
-        """`(train, validation, probe, steps_per_epoch)`, built once: the data is never tuned."""
+        """`(train, validation, probe, steps_per_epoch)`, built once: the data is never tuned.
+
+        First called from `build`, inside keras-tuner's `distribution_strategy` scope: under
+        several replicas validation keeps full batches only, as in `arat_tf.training`.
+        """
+        import tensorflow as tf
+
         from arat_tf.training import build_datasets
         from arat_tf.data import dataset_spec
 
         key = tuple(getattr(config, name) for name in _DATA_FIELDS)
         if self._data is None or self._data_key != key:
-            self._data = build_datasets(config, dataset_spec(config.dataset))
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            self._data = build_datasets(config, dataset_spec(config.dataset), replicas)
             self._data_key = key
         return self._data
 

@@ -58,6 +58,8 @@ class Evaluator(Component):
         min_clean_accuracy, min_robust_accuracy, tolerance: the blessing thresholds.
         serving_dir: where the Pusher pushes; its latest push is the baseline (runtime, resolved
             from the metadata store).
+        strategy: a prebuilt `tf.distribute.Strategy` whose replicas share every batch's attacks
+            (runtime: the numbers do not depend on it beyond the replicas' random starts), or None.
     """
 
     INPUTS = {"examples": InputSpec(EXAMPLES), "model": InputSpec(MODEL),
@@ -65,13 +67,15 @@ class Evaluator(Component):
     OUTPUTS = {"evaluation": MODEL_EVALUATION, "blessing": MODEL_BLESSING}
 
     def __init__(self, *, examples, model, attacks, eps, norm, branch, seed, batch_size,
-                 min_clean_accuracy, min_robust_accuracy, tolerance, serving_dir, name=None):
+                 min_clean_accuracy, min_robust_accuracy, tolerance, serving_dir, strategy=None,
+                 name=None):
         super().__init__(
             {"attacks": list(attacks), "eps": eps, "norm": norm, "branch": branch, "seed": seed,
              "batch_size": batch_size, "min_clean_accuracy": min_clean_accuracy,
              "min_robust_accuracy": min_robust_accuracy, "tolerance": tolerance},
             runtime={"serving_dir": os.path.abspath(serving_dir)},
             inputs={"examples": examples, "model": model}, name=name)
+        self.strategy = strategy
 
     def resolved_input(self, key):
         return key == "baseline"
@@ -96,14 +100,16 @@ class Evaluator(Component):
         spec = dataset_spec(dataset)
         attacks = resolve_attacks(self.parameters["attacks"], spec.num_classes,
                                   self.parameters["norm"])
-        classifier = load_classifier(model_path)
+        strategy = self.strategy or tf.distribute.get_strategy()
+        with strategy.scope():
+            classifier = load_classifier(model_path)
         data = make_eval_dataset(dataset, batch_size=self.parameters["batch_size"],
                                  split=tfrecord_split(examples, "test"))
         branch = self.parameters["branch"]
         forward = tf.function(lambda images: classifier(images, training=False, branch=branch))
         report = evaluate_robustness(forward, data, attacks, eps=self.parameters["eps"],
                                      norm=self.parameters["norm"], seed=self.parameters["seed"],
-                                     progress=False)
+                                     progress=False, strategy=strategy)
         # The per-attack results already sit under "attacks": the names go in "suite".
         report.update({key: value for key, value in self._settings().items() if key != "attacks"},
                       model=os.path.abspath(model_path), dataset=dataset, split="test",
