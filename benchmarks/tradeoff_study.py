@@ -10,8 +10,13 @@ CIFAR-10 test images with clean accuracy, PGD-20 and AutoAttack standard, and wr
     <output_dir>/results.json    every number, with the evaluation settings and timings
     <output_dir>/table.md        one row per method: clean, PGD-20, AA, clean + AA
     <output_dir>/tradeoff.png    clean vs AA, one point per method
-    <output_dir>/logs/<run>/     the training and evaluation logs, metrics.csv and the evaluation
-                                 JSONs (not the checkpoints, which stay in the run directories)
+    <output_dir>/analyses.md     the paper's measurements per run (`arat_tf.analyze`): gradient
+                                 cosine and conflict ratio between the classification and
+                                 invariance losses, the clean-vs-adversarial feature distance, and
+                                 the Dual-BN study's mixed statistics/affine accuracies
+    <output_dir>/logs/<run>/     the training, evaluation and analysis logs, metrics.csv, the
+                                 evaluation JSONs and analysis/ (not the checkpoints, which stay
+                                 in the run directories)
 
 Every stage is a separate `arat_tf.train` / `arat_tf.evaluate` subprocess, exactly the commands a
 user runs, and every stage is skipped when its output already exists: a killed study continues
@@ -100,6 +105,32 @@ def evaluate(name, run_dir, args, timings):
     return reports
 
 
+def analyze(name, run_dir, args):
+    """`arat_tf.analyze` with every analysis that applies to the run (the others are skipped)."""
+    output = os.path.join(run_dir, "analysis", "analysis.json")
+    if not os.path.exists(output):
+        print(f"[{name}] analysing", flush=True)
+        run_logged([sys.executable, "-m", "arat_tf.analyze", f"--run_dir={run_dir}",
+                    f"--data_dir={args.data_dir}"],
+                   os.path.join(args.output_dir, "logs", name, "analyze.log"))
+    with open(output, encoding="utf-8") as file:
+        return json.load(file)
+
+
+def analysis_summary(analysis):
+    """The few numbers of `analysis.json` the study's second table shows."""
+    conflict = (analysis.get("gradient_conflict") or {}).get("overall") or {}
+    deployed = ((analysis.get("mixture") or {}).get("taps") or {}).get("deployed") or {}
+    distances = [tap["wasserstein2"] for tap in deployed.values() if "wasserstein2" in tap]
+    mixed = {(c["statistics"], c["affine"]): c
+             for c in (analysis.get("dual_bn") or {}).get("combinations", [])}
+    return {
+        "gradient_cosine": conflict.get("cosine"), "conflict_ratio": conflict.get("conflict_ratio"),
+        "feature_w2_deployed": sum(distances) / len(distances) if distances else None,
+        "dual_bn": {f"statistics={s},affine={a}": c for (s, a), c in mixed.items()},
+    }
+
+
 def collect_logs(name, run_dir, output_dir):
     """Copies what documents the run (not its checkpoints) next to the study's results."""
     destination = os.path.join(output_dir, "logs", name)
@@ -107,6 +138,9 @@ def collect_logs(name, run_dir, output_dir):
     for pattern in ("flags.txt", "metrics.csv", "metrics.json", "evaluation_*.json"):
         for path in glob.glob(os.path.join(run_dir, pattern)):
             shutil.copy2(path, destination)
+    if os.path.isdir(os.path.join(run_dir, "analysis")):
+        shutil.copytree(os.path.join(run_dir, "analysis"), os.path.join(destination, "analysis"),
+                        dirs_exist_ok=True)
 
 
 def summarize(rows, args):
@@ -116,7 +150,7 @@ def summarize(rows, args):
         json.dump({"n_examples": args.n_examples, "runs": rows}, file, indent=2)
     best = max((row["clean"] + row["autoattack"] for row in rows), default=None)
     lines = [
-        f"| method | clean | PGD-20 | AutoAttack | clean + AA | train min | AA min |",
+        "| method | clean | PGD-20 | AutoAttack | clean + AA | train min | AA min |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in sorted(rows, key=lambda r: -(r["clean"] + r["autoattack"])):
@@ -130,6 +164,31 @@ def summarize(rows, args):
     with open(os.path.join(args.output_dir, "table.md"), "w", encoding="utf-8") as file:
         file.write(table + "\n")
     print(table)
+    analysis_lines = [
+        "| method | grad cosine (cls, inv) | conflict ratio | clean-adv feature W2 | "
+        "clean acc: stats adv + affine adv / stats clean + affine adv / stats adv + affine clean |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        summary = row.get("analysis") or {}
+
+        def number(value, form="{:.3f}"):
+            return "n/a" if value is None else form.format(value)
+
+        if not summary:
+            analysis_lines.append(f"| {row['label']} | not analysed | | | |")
+            continue
+        mixed = summary.get("dual_bn") or {}
+        dual = " / ".join(number((mixed.get(k) or {}).get("clean_accuracy"), "{:.1%}") for k in (
+            "statistics=adv,affine=adv", "statistics=clean,affine=adv",
+            "statistics=adv,affine=clean")) if mixed else "n/a (one BN)"
+        analysis_lines.append(
+            f"| {row['label']} | {number(summary.get('gradient_cosine'))} "
+            f"| {number(summary.get('conflict_ratio'))} "
+            f"| {number(summary.get('feature_w2_deployed'))} | {dual} |")
+    with open(os.path.join(args.output_dir, "analyses.md"), "w", encoding="utf-8") as file:
+        file.write("\n".join(analysis_lines) + "\n")
+    print("\n".join(analysis_lines))
     if not rows:
         return
     import matplotlib
@@ -167,6 +226,8 @@ def main():
     parser.add_argument("--eval_batch_size", type=int, default=500)
     parser.add_argument("--output_dir", default=os.path.join(REPO, "benchmarks", "results",
                                                              "tradeoff_study"))
+    parser.add_argument("--analyze", action=argparse.BooleanOptionalAction, default=True,
+                        help="Also run arat_tf.analyze on every run (about a minute each).")
     parser.add_argument("--summarize", action="store_true",
                         help="Only rebuild the table and plot from the finished runs.")
     args = parser.parse_args()
@@ -188,6 +249,8 @@ def main():
         if not args.summarize:
             train(name, flagfile, run_dir, args, timings)
             evaluate(name, run_dir, args, timings)
+            if args.analyze:
+                analyze(name, run_dir, args)
             os.makedirs(args.output_dir, exist_ok=True)
             with open(timings_path, "w", encoding="utf-8") as file:
                 json.dump(timings, file, indent=2)
@@ -206,6 +269,10 @@ def main():
             "aa_minutes": timings.get(f"{name}/autoattack_seconds", float("nan")) / 60,
             "branch": autoattack.get("branch"), "eps": autoattack.get("eps"),
         })
+        analysis_path = os.path.join(run_dir, "analysis", "analysis.json")
+        if os.path.exists(analysis_path):
+            with open(analysis_path, encoding="utf-8") as file:
+                rows[-1]["analysis"] = analysis_summary(json.load(file))
         summarize(rows, args)  # after every run, so a partial study is already readable
     if not rows:
         summarize(rows, args)
