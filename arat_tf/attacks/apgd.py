@@ -19,7 +19,7 @@ import numbers
 import tensorflow as tf
 
 from arat_tf.attacks import dlr, losses, parts
-from arat_tf.attacks.graph_mode import compiled_for
+from arat_tf.attacks.graph_mode import batch_relaxed_shapes, compiled_for
 
 APGD_LOSSES = ("ce", "dlr", "dlr_targeted")
 
@@ -233,7 +233,8 @@ def _build_run(forward_ref, norm, loss):
                 reduced_at_check=tf.where(at_check, reduce, s["reduced_at_check"]),
             ),)
 
-        (final,) = tf.while_loop(cond, body, (state,), maximum_iterations=steps)
+        (final,) = tf.while_loop(cond, body, (state,), maximum_iterations=steps,
+                                 shape_invariants=batch_relaxed_shapes((state,)))
         return final["x_best"], final["loss_best"], final["found"], final["x_found"]
 
     return run

@@ -55,3 +55,19 @@ def run_compiled(attack, forward, settings, *args):
     compiled = compiled_for(forward, settings, lambda forward_ref: tf.function(
         lambda *call_args: attack(forward_ref(), *call_args), reduce_retracing=True))
     return compiled(*args)
+
+
+def batch_relaxed_shapes(loop_vars):
+    """`shape_invariants` for a `tf.while_loop` whose per-example state may be traced with a
+    static batch size on entry and come back with an unknown one.
+
+    That happens when an attack is traced for a batch of one while the forward it calls was
+    already traced for a variable batch (a nested `tf.function` reuses its relaxed trace, whose
+    logits have batch size None); broadcasting 1 with None gives None. Relaxing the leading
+    dimension of every non-scalar loop variable accepts both.
+    """
+    return tf.nest.map_structure(
+        lambda value: (tf.TensorShape([None]).concatenate(value.shape[1:])
+                       if value.shape.rank else value.shape),
+        loop_vars,
+    )

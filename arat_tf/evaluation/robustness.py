@@ -69,8 +69,23 @@ def _sanity_warnings(forward, images, labels):
             + sanity.check_deterministic(forward, images))
 
 
-def _attack_batch_on_replicas(strategy, forward, images, labels, attacks, *, eps, norm, seed,
-                              check_sanity=False):
+class _ReplicaForward:
+    """One replica's own handle on the shared `forward`.
+
+    Attacks compile and cache their graphs per forward object (`attacks.graph_mode`); one object
+    per replica gives every replica thread its own traces, so two threads never trace or relax the
+    same function concurrently (which broke APGD's loop shapes on one-example shards).
+    """
+
+    def __init__(self, forward):
+        self.forward = forward
+
+    def __call__(self, images):
+        return self.forward(images)
+
+
+def _attack_batch_on_replicas(strategy, replica_forwards, images, labels, attacks, *, eps, norm,
+                              seed, check_sanity=False):
     """Splits the batch into one contiguous shard per replica (all workers see the same batch and
     each computes only its own replicas' shards) and attacks the shards in parallel with
     `strategy.run`. Returns this process' summed counts (other workers' are added at the end)
@@ -91,6 +106,7 @@ def _attack_batch_on_replicas(strategy, forward, images, labels, attacks, *, eps
         replica_id = int(tf.get_static_value(
             tf.distribute.get_replica_context().replica_id_in_sync_group))
         index = shards[replica_id]
+        forward = replica_forwards[replica_id]
         x, y = tf.gather(images, index), tf.gather(labels, index)
         if check_sanity and replica_id == 0 and len(index):
             warnings.extend(_sanity_warnings(forward, x, y))
@@ -98,7 +114,7 @@ def _attack_batch_on_replicas(strategy, forward, images, labels, attacks, *, eps
             forward, x, y, attacks, eps=eps, norm=norm, seed=seed + REPLICA_SEED_STRIDE * replica_id)
 
     strategy.run(attack_shard)
-    total = _attack_examples(forward, images[:0], labels[:0], attacks, eps=eps, norm=norm, seed=0)
+    total = _attack_examples(None, images[:0], labels[:0], attacks, eps=eps, norm=norm, seed=0)
     for counts in local_counts.values():
         _add_counts(total, counts)
     return total, warnings
@@ -167,6 +183,7 @@ def evaluate_robustness(forward, dataset, attacks, *, eps, norm="linf", seed=0, 
         `warnings` (sanity checks) and `replicas`.
     """
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    replica_forwards = [_ReplicaForward(forward) for _ in range(replicas)]
     total = None
     warnings = []
     cardinality = int(dataset.cardinality())
@@ -178,8 +195,8 @@ def evaluate_robustness(forward, dataset, attacks, *, eps, norm="linf", seed=0, 
         batch_seed = seed + 1000 * batch_index
         if replicas > 1:
             counts, batch_warnings = _attack_batch_on_replicas(
-                strategy, forward, images, labels, attacks, eps=eps, norm=norm, seed=batch_seed,
-                check_sanity=batch_index == 0)
+                strategy, replica_forwards, images, labels, attacks, eps=eps, norm=norm,
+                seed=batch_seed, check_sanity=batch_index == 0)
             warnings += batch_warnings
         else:
             if batch_index == 0:
