@@ -3,8 +3,9 @@
     python benchmarks/tradeoff_study.py --data_dir ../shared/datasets/tfds
 
 Trains every run of `configs/study/` (PGD-AT, TRADES, hybrid dual-BN, ARAT and ARAT's three
-ablations, plus one diagnostic: ARAT with fixed CE weights; one flagfile each, all sharing `configs/study/common.flags`, so every method has the
-same model, data, epochs, attack and schedule), then evaluates each on the first `--n_examples`
+ablations, plus one diagnostic: ARAT with fixed CE weights; one flagfile each, all sharing
+`configs/study/common.flags`, so every method has the same model, data, epochs, attack and
+schedule), then evaluates each on the first `--n_examples`
 CIFAR-10 test images with clean accuracy, PGD-20 and AutoAttack standard, and writes:
 
     <output_dir>/results.json    every number, with the evaluation settings and timings
@@ -252,6 +253,10 @@ def main():
             if args.analyze:
                 analyze(name, run_dir, args)
             os.makedirs(args.output_dir, exist_ok=True)
+            # Merge with what other study processes (e.g. --runs of their own) wrote meanwhile.
+            merged = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
+            merged.update(timings)
+            timings = merged
             with open(timings_path, "w", encoding="utf-8") as file:
                 json.dump(timings, file, indent=2)
             finished = True
