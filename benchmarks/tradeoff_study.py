@@ -8,7 +8,7 @@ ablations, plus one diagnostic: ARAT with fixed CE weights; one flagfile each, a
 schedule), then evaluates each on the first `--n_examples`
 CIFAR-10 test images with clean accuracy, PGD-20 and AutoAttack standard, and writes:
 
-    <output_dir>/results.json    every number, with the evaluation settings and timings
+    <output_dir>/results.json    every number, with the evaluation settings and the timings
     <output_dir>/table.md        one row per method: clean, PGD-20, AA, clean + AA
     <output_dir>/tradeoff.png    clean vs AA, one point per method
     <output_dir>/analyses.md     the paper's measurements per run (`arat_tf.analyze`): gradient
@@ -32,6 +32,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -72,7 +73,18 @@ def run_logged(command, log_path):
     return time.time() - start
 
 
-def train(name, flagfile, run_dir, args, timings):
+def logged_seconds(log_path):
+    """Seconds of the successful commands of a study log (its `# exit 0 after N s` lines): a
+    resumed training adds up its sessions. The logs are the one record of the timings, so study
+    processes running side by side never overwrite each other's."""
+    if not os.path.exists(log_path):
+        return float("nan")
+    with open(log_path, encoding="utf-8") as log:
+        seconds = re.findall(r"^# exit 0 after (\d+) s$", log.read(), flags=re.MULTILINE)
+    return sum(map(float, seconds)) if seconds else float("nan")
+
+
+def train(name, flagfile, run_dir, args):
     if os.path.exists(os.path.join(run_dir, "model.keras")):
         return
     command = [sys.executable, "-m", "arat_tf.train", f"--flagfile={flagfile}",
@@ -85,17 +97,16 @@ def train(name, flagfile, run_dir, args, timings):
         shutil.rmtree(run_dir)
     print(f"[{name}] training ({'resuming' if '--resume' in command else 'from scratch'})",
           flush=True)
-    timings[f"{name}/train_seconds"] = timings.get(f"{name}/train_seconds", 0) + run_logged(
-        command, os.path.join(args.output_dir, "logs", name, "train.log"))
+    run_logged(command, os.path.join(args.output_dir, "logs", name, "train.log"))
 
 
-def evaluate(name, run_dir, args, timings):
+def evaluate(name, run_dir, args):
     reports = {}
     for label, attacks in EVALUATIONS.items():
         output = os.path.join(run_dir, f"evaluation_{label}_{args.n_examples}.json")
         if not os.path.exists(output):
             print(f"[{name}] evaluating {label} on {args.n_examples} test images", flush=True)
-            timings[f"{name}/{label}_seconds"] = run_logged(
+            run_logged(
                 [sys.executable, "-m", "arat_tf.evaluate", f"--run_dir={run_dir}",
                  f"--data_dir={args.data_dir}", "--split=test", f"--n_examples={args.n_examples}",
                  f"--attacks={attacks}", "--branch=adv", f"--batch_size={args.eval_batch_size}",
@@ -239,8 +250,6 @@ def main():
     if args.n_examples < 1:
         parser.error("--n_examples must be >= 1.")
 
-    timings_path = os.path.join(args.output_dir, "timings.json")
-    timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
     rows = []
     for name in names:
         flagfile = os.path.relpath(os.path.join(args.config_dir, f"{name}.flags"), REPO)
@@ -248,30 +257,24 @@ def main():
         finished = all(os.path.exists(os.path.join(run_dir, f"evaluation_{label}_{args.n_examples}.json"))
                        for label in EVALUATIONS)
         if not args.summarize:
-            train(name, flagfile, run_dir, args, timings)
-            evaluate(name, run_dir, args, timings)
+            train(name, flagfile, run_dir, args)
+            evaluate(name, run_dir, args)
             if args.analyze:
                 analyze(name, run_dir, args)
-            os.makedirs(args.output_dir, exist_ok=True)
-            # Merge with what other study processes (e.g. --runs of their own) wrote meanwhile.
-            merged = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
-            merged.update(timings)
-            timings = merged
-            with open(timings_path, "w", encoding="utf-8") as file:
-                json.dump(timings, file, indent=2)
             finished = True
         if not finished:
             continue
         collect_logs(name, run_dir, args.output_dir)
-        reports = evaluate(name, run_dir, args, timings)
+        reports = evaluate(name, run_dir, args)
+        logs = os.path.join(args.output_dir, "logs", name)
         pgd, autoattack = reports["pgd20"], reports["autoattack"]
         rows.append({
             "name": name, "label": LABELS.get(name, name),
             "clean": autoattack["clean_accuracy"], "pgd20": pgd["robust_accuracy"],
             "autoattack": autoattack["robust_accuracy"],
             "autoattack_per_attack": {a["name"]: a["robust_accuracy"] for a in autoattack["attacks"]},
-            "train_minutes": timings.get(f"{name}/train_seconds", float("nan")) / 60,
-            "aa_minutes": timings.get(f"{name}/autoattack_seconds", float("nan")) / 60,
+            "train_minutes": logged_seconds(os.path.join(logs, "train.log")) / 60,
+            "aa_minutes": logged_seconds(os.path.join(logs, "evaluate_autoattack.log")) / 60,
             "branch": autoattack.get("branch"), "eps": autoattack.get("eps"),
         })
         analysis_path = os.path.join(run_dir, "analysis", "analysis.json")
