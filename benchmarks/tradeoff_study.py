@@ -3,7 +3,8 @@
     python benchmarks/tradeoff_study.py --data_dir ../shared/datasets/tfds
 
 Trains every run of `configs/study/` (PGD-AT, TRADES, hybrid dual-BN, ARAT and ARAT's three
-ablations, plus one diagnostic: ARAT with fixed CE weights; one flagfile each, all sharing
+ablations, plus two diagnostics: ARAT with fixed CE weights, and ARAT attacking with BN in
+inference mode; one flagfile each, all sharing
 `configs/study/common.flags`, so every method has the same model, data, epochs, attack and
 schedule), then evaluates each on the first `--n_examples`
 CIFAR-10 test images with clean accuracy, PGD-20 and AutoAttack standard, and writes:
@@ -42,11 +43,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The order runs are trained in: the paper's main comparison first, so a partial study already
 # answers the main question.
 RUN_ORDER = ("arat", "pgd_at", "trades", "hybrid_dual_bn", "arat_symmetric", "arat_no_predictor",
-             "arat_no_split_bn", "arat_fixed_ce")
+             "arat_no_split_bn", "arat_fixed_ce", "arat_attack_bn_inference")
 LABELS = {
     "arat": "ARAT", "pgd_at": "PGD-AT", "trades": "TRADES", "hybrid_dual_bn": "Hybrid (dual BN)",
     "arat_symmetric": "ARAT symmetric", "arat_no_predictor": "ARAT no predictor",
     "arat_no_split_bn": "ARAT no split BN", "arat_fixed_ce": "ARAT fixed CE (1, 1) [diagnostic]",
+    "arat_attack_bn_inference": "ARAT, attack BN in inference mode [diagnostic]",
 }
 EVALUATIONS = {"pgd20": "pgd20", "autoattack": "autoattack"}
 
