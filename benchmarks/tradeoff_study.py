@@ -4,10 +4,10 @@
 
 Trains every run of `configs/study/` (PGD-AT, TRADES, hybrid dual-BN, ARAT and ARAT's three
 ablations, plus two diagnostics: ARAT with fixed CE weights, and ARAT attacking with BN in
-inference mode; one flagfile each, all sharing
-`configs/study/common.flags`, so every method has the same model, data, epochs, attack and
-schedule), then evaluates each on the first `--n_examples`
-CIFAR-10 test images with clean accuracy, PGD-20 and AutoAttack standard, and writes:
+inference mode; one flagfile each, all sharing `configs/study/common.flags`, so every method has
+the same model, data, epochs, attack and schedule), then evaluates each on the first
+`--n_examples` CIFAR-10 test images with clean accuracy, PGD-20 and AutoAttack standard, and
+writes:
 
     <output_dir>/results.json    every number, with the evaluation settings and the timings
     <output_dir>/table.md        one row per method: clean, PGD-20, AA, clean + AA
