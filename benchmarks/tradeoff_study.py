@@ -50,6 +50,8 @@ LABELS = {
     "arat_no_split_bn": "ARAT no split BN", "arat_fixed_ce": "ARAT fixed CE (1, 1) [diagnostic]",
     "arat_attack_bn_inference": "ARAT, attack BN in inference mode [diagnostic]",
 }
+# Not part of the paper's comparison: runs that test an explanation of what the study measured.
+DIAGNOSTICS = ("arat_fixed_ce", "arat_attack_bn_inference")
 EVALUATIONS = {"pgd20": "pgd20", "autoattack": "autoattack"}
 
 
@@ -212,11 +214,12 @@ def summarize(rows, args):
 
     figure, axes = plt.subplots(figsize=(6.5, 5))
     for row in rows:
-        ablation = row["name"].startswith("arat_")
+        diagnostic = row["name"] in DIAGNOSTICS
+        ablation = row["name"].startswith("arat_") and not diagnostic
         axes.scatter(100 * row["clean"], 100 * row["autoattack"], s=60,
-                     marker="^" if ablation else "o",
+                     marker="x" if diagnostic else ("^" if ablation else "o"),
                      color="tab:red" if row["name"] == "arat" else
-                     ("tab:orange" if ablation else "tab:blue"))
+                     ("tab:gray" if diagnostic else ("tab:orange" if ablation else "tab:blue")))
         axes.annotate(row["label"], (100 * row["clean"], 100 * row["autoattack"]),
                       textcoords="offset points", xytext=(5, 4), fontsize=8)
     axes.set_xlabel("clean accuracy (%)")
