@@ -10,6 +10,7 @@ import socket
 import subprocess
 
 import keras
+import numpy as np
 import pytest
 
 SHARED_TFDS_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "tfds"
@@ -71,3 +72,35 @@ def run_worker_cluster(free_ports):
                 for process, (stdout, stderr) in zip(processes, outputs)]
 
     return run
+
+
+def train_prototype_mlp(n_test, shape=(8, 8, 3), num_classes=10):
+    """A tiny MLP trained on `num_classes` noisy prototypes of `shape` images in [0, 1]: a model
+    with real logits and near-perfect clean accuracy in seconds, for the attack tests.
+
+    Returns:
+        `(model, x_test, y_test)` with `n_test` fresh test examples (float32, int32).
+    """
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    prototypes = rng.uniform(0.2, 0.8, size=(num_classes,) + shape).astype("float32")
+
+    def sample(n):
+        y = rng.integers(0, num_classes, n)
+        x = np.clip(prototypes[y] + rng.normal(0.0, 0.1, (n,) + shape), 0.0, 1.0).astype("float32")
+        return x, y.astype("int32")
+
+    x_train, y_train = sample(2000)
+    x_test, y_test = sample(n_test)
+    model = keras.Sequential([
+        keras.Input(shape), keras.layers.Flatten(), keras.layers.Dense(32, activation="relu"),
+        keras.layers.Dense(num_classes)])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x_train, y_train, epochs=5, batch_size=64, verbose=0)
+    return model, x_test, y_test
+
+
+@pytest.fixture(scope="session")
+def prototype_mlp():
+    """`prototype_mlp(n_test, shape, num_classes)`: see `train_prototype_mlp`."""
+    return train_prototype_mlp

@@ -63,24 +63,9 @@ class Trained:
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(prototype_mlp):
     """An MLP on 10 noisy prototypes of 8x8x3 images in [0, 1]: logits, clean accuracy ~1."""
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    prototypes = rng.uniform(0.2, 0.8, size=(NUM_CLASSES,) + SHAPE).astype("float32")
-
-    def sample(n):
-        y = rng.integers(0, NUM_CLASSES, n)
-        x = np.clip(prototypes[y] + rng.normal(0.0, 0.1, (n,) + SHAPE), 0.0, 1.0).astype("float32")
-        return x, y.astype("int32")
-
-    x_train, y_train = sample(2000)
-    x_test, y_test = sample(N_TEST)
-    model = keras.Sequential([
-        keras.Input(SHAPE), keras.layers.Flatten(), keras.layers.Dense(32, activation="relu"),
-        keras.layers.Dense(NUM_CLASSES)])
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x_train, y_train, epochs=5, batch_size=64, verbose=0)
+    model, x_test, y_test = prototype_mlp(N_TEST, SHAPE, NUM_CLASSES)
     forward = lambda images: model(images, training=False)  # noqa: E731  (one forward, reused)
     assert _accuracy(forward, x_test, y_test) >= 0.95
     return Trained(model, forward, x_test, y_test)

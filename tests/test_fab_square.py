@@ -1,7 +1,6 @@
 """Tests for the FAB-T and Square attacks: the L-inf hyperplane projection, attack behaviour on a
 small trained model, the black-box property of Square, and reproducibility."""
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -86,24 +85,9 @@ def test_projection_matches_linear_program():
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(prototype_mlp):
     """A tiny MLP trained on 10 noisy prototypes of 8x8x3 images; near-perfect clean accuracy."""
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    prototypes = rng.uniform(0.2, 0.8, size=(NUM_CLASSES,) + SHAPE).astype("float32")
-
-    def sample(n):
-        y = rng.integers(0, NUM_CLASSES, n)
-        x = np.clip(prototypes[y] + rng.normal(0.0, 0.1, (n,) + SHAPE), 0.0, 1.0).astype("float32")
-        return x, y.astype("int32")
-
-    x_train, y_train = sample(2000)
-    x_test, y_test = sample(BATCH)
-    model = keras.Sequential([
-        keras.Input(SHAPE), keras.layers.Flatten(), keras.layers.Dense(32, activation="relu"),
-        keras.layers.Dense(NUM_CLASSES)])
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x_train, y_train, epochs=5, batch_size=64, verbose=0)
+    model, x_test, y_test = prototype_mlp(BATCH, SHAPE, NUM_CLASSES)
     # One example with a wrong label, so clean-misclassified handling is exercised.
     y_test[0] = (y_test[0] + 1) % NUM_CLASSES
     forward = lambda x: model(x, training=False)  # noqa: E731
