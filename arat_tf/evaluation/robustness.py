@@ -22,18 +22,28 @@ def _check_inside_ball(x_adv, x, eps, norm, attack_name):
         )
 
 
+def _empty_counts(n_attacks):
+    """The counts `evaluate_robustness` sums: `n_examples`, `n_clean`, and per attack
+    `robust_after` (examples still robust after it), `examples_attacked`, `examples_broken` and
+    `seconds`."""
+    return {"n_examples": 0, "n_clean": 0, "robust_after": [0] * n_attacks,
+            "examples_attacked": [0] * n_attacks, "examples_broken": [0] * n_attacks,
+            "seconds": [0.0] * n_attacks}
+
+
+def _add_counts(total, counts):
+    for key, value in counts.items():
+        if isinstance(value, list):
+            total[key] = [a + b for a, b in zip(total[key], value)]
+        else:
+            total[key] += value
+
+
 def _attack_examples(forward, images, labels, attacks, *, eps, norm, seed):
     """Clean accuracy, then every attack in order on the examples still unbroken, for one batch
-    (or one replica's shard of it).
-
-    Returns the counts `evaluate_robustness` sums: `n_examples`, `n_clean`, and per attack
-    `robust_after` (examples still robust after it), `examples_attacked`, `examples_broken` and
-    `seconds`.
-    """
-    n_attacks = len(attacks)
-    counts = {"n_examples": int(labels.shape[0]), "n_clean": 0, "robust_after": [0] * n_attacks,
-              "examples_attacked": [0] * n_attacks, "examples_broken": [0] * n_attacks,
-              "seconds": [0.0] * n_attacks}
+    (or one replica's shard of it). Returns its counts (see `_empty_counts`)."""
+    counts = _empty_counts(len(attacks))
+    counts["n_examples"] = int(labels.shape[0])
     if counts["n_examples"] == 0:  # a replica's shard of a last batch smaller than the replicas
         return counts
     robust = (tf.argmax(forward(images), axis=-1, output_type=tf.int32) == labels).numpy()
@@ -55,41 +65,18 @@ def _attack_examples(forward, images, labels, attacks, *, eps, norm, seed):
     return counts
 
 
-def _add_counts(total, counts):
-    for key, value in counts.items():
-        if isinstance(value, list):
-            total[key] = [a + b for a, b in zip(total[key], value)]
-        else:
-            total[key] += value
-
-
 def _sanity_warnings(forward, images, labels):
     return (sanity.check_outputs_are_logits(forward(images))
             + sanity.check_input_gradients(forward, images, labels)
             + sanity.check_deterministic(forward, images))
 
 
-class _ReplicaForward:
-    """One replica's own handle on the shared `forward`.
-
-    Attacks compile and cache their graphs per forward object (`attacks.graph_mode`); one object
-    per replica gives every replica thread its own traces, so two threads never trace or relax the
-    same function concurrently (which broke APGD's loop shapes on one-example shards).
-    """
-
-    def __init__(self, forward):
-        self.forward = forward
-
-    def __call__(self, images):
-        return self.forward(images)
-
-
-def _attack_batch_on_replicas(strategy, replica_forwards, images, labels, attacks, *, eps, norm,
-                              seed, check_sanity=False):
+def _attack_batch_on_replicas(strategy, forward, images, labels, attacks, *, eps, norm, seed,
+                              check_sanity=False):
     """Splits the batch into one contiguous shard per replica (all workers see the same batch and
     each computes only its own replicas' shards) and attacks the shards in parallel with
-    `strategy.run`. Returns this process' summed counts (other workers' are added at the end)
-    and, with `check_sanity`, the sanity warnings of replica 0's shard.
+    `strategy.run`. Returns `{replica id: counts}` for this process' replicas and, with
+    `check_sanity`, the sanity warnings of replica 0's shard.
 
     Everything that touches the model runs in replica context: there, BN moving statistics
     (synchronization on read) are the replica's local copy, whereas reading them in cross-replica
@@ -98,56 +85,55 @@ def _attack_batch_on_replicas(strategy, replica_forwards, images, labels, attack
     Replica r's seeds are offset by `REPLICA_SEED_STRIDE * r`, so replica 0 (and a single device)
     draws exactly the seeds of the undistributed evaluation.
     """
-    n_replicas = strategy.num_replicas_in_sync
-    shards = np.array_split(np.arange(int(labels.shape[0])), n_replicas)
-    local_counts, warnings = {}, []
+    shards = np.array_split(np.arange(int(labels.shape[0])), strategy.num_replicas_in_sync)
+    replica_counts, warnings = {}, []
 
     def attack_shard():
         replica_id = int(tf.get_static_value(
             tf.distribute.get_replica_context().replica_id_in_sync_group))
         index = shards[replica_id]
-        forward = replica_forwards[replica_id]
         x, y = tf.gather(images, index), tf.gather(labels, index)
         if check_sanity and replica_id == 0 and len(index):
             warnings.extend(_sanity_warnings(forward, x, y))
-        local_counts[replica_id] = _attack_examples(
+        replica_counts[replica_id] = _attack_examples(
             forward, x, y, attacks, eps=eps, norm=norm, seed=seed + REPLICA_SEED_STRIDE * replica_id)
 
     strategy.run(attack_shard)
-    total = _attack_examples(None, images[:0], labels[:0], attacks, eps=eps, norm=norm, seed=0)
-    for counts in local_counts.values():
+    return replica_counts, warnings
+
+
+def _local_total(replica_counts, n_attacks):
+    total = _empty_counts(n_attacks)
+    for counts in replica_counts.values():
         _add_counts(total, counts)
-    return total, warnings
+    return total
 
 
-def _sum_over_workers(strategy, total):
-    """Adds the counts of every worker of a multi-worker evaluation (a no-op on one process)."""
+def _total_over_workers(strategy, replica_counts, n_attacks):
+    """The counts summed over every replica: this process' replicas, plus, under
+    MultiWorkerMirroredStrategy, every other worker's (one cross-worker reduction at the end)."""
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return total
-    keys = [key for key, value in total.items() if not isinstance(value, list)]
-    list_keys = [key for key, value in total.items() if isinstance(value, list)]
-    flat = [float(total[key]) for key in keys] + [float(v) for key in list_keys for v in total[key]]
-    first_local = {}
+        return _local_total(replica_counts, n_attacks)
+    layout = _empty_counts(n_attacks)
 
-    def per_replica(context):
-        # Each worker's counts enter the sum once, through its first local replica.
-        worker_first = first_local.setdefault("id", context.replica_id_in_sync_group)
-        own = context.replica_id_in_sync_group == worker_first
-        return tf.constant(flat if own else [0.0] * len(flat), tf.float64)
+    def flat(counts):
+        return [float(v) for key in layout
+                for v in (counts[key] if isinstance(counts[key], list) else [counts[key]])]
 
     summed = strategy.reduce(
         tf.distribute.ReduceOp.SUM,
-        strategy.experimental_distribute_values_from_function(per_replica), axis=None,
+        strategy.experimental_distribute_values_from_function(lambda context: tf.constant(flat(
+            replica_counts.get(context.replica_id_in_sync_group, layout)), tf.float64)),
+        axis=None,
     ).numpy().tolist()
-    result, position = {}, 0
-    for key in keys:
-        result[key] = summed[position] if key == "seconds" else int(round(summed[position]))
-        position += 1
-    for key in list_keys:
-        values = summed[position:position + len(total[key])]
-        result[key] = values if key == "seconds" else [int(round(v)) for v in values]
-        position += len(total[key])
-    return result
+    total, position = {}, 0
+    for key, value in layout.items():
+        size = len(value) if isinstance(value, list) else 1
+        values = summed[position:position + size] if key == "seconds" else [
+            int(round(v)) for v in summed[position:position + size]]
+        total[key] = values if isinstance(value, list) else values[0]
+        position += size
+    return total
 
 
 REPLICA_SEED_STRIDE = 100_003
@@ -183,8 +169,7 @@ def evaluate_robustness(forward, dataset, attacks, *, eps, norm="linf", seed=0, 
         `warnings` (sanity checks) and `replicas`.
     """
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
-    replica_forwards = [_ReplicaForward(forward) for _ in range(replicas)]
-    total = None
+    replica_counts = {}  # replica id -> the summed counts of its shards (this process' replicas)
     warnings = []
     cardinality = int(dataset.cardinality())
     progress_bar = keras.utils.Progbar(cardinality if cardinality > 0 else None,
@@ -194,26 +179,22 @@ def evaluate_robustness(forward, dataset, attacks, *, eps, norm="linf", seed=0, 
         labels = tf.cast(labels, tf.int32)
         batch_seed = seed + 1000 * batch_index
         if replicas > 1:
-            counts, batch_warnings = _attack_batch_on_replicas(
-                strategy, replica_forwards, images, labels, attacks, eps=eps, norm=norm,
-                seed=batch_seed, check_sanity=batch_index == 0)
+            batch_counts, batch_warnings = _attack_batch_on_replicas(
+                strategy, forward, images, labels, attacks, eps=eps, norm=norm, seed=batch_seed,
+                check_sanity=batch_index == 0)
             warnings += batch_warnings
         else:
             if batch_index == 0:
                 warnings += _sanity_warnings(forward, images, labels)
-            counts = _attack_examples(forward, images, labels, attacks, eps=eps, norm=norm,
-                                      seed=batch_seed)
-        if total is None:
-            total = counts
-        else:
-            _add_counts(total, counts)
-        progress_bar.add(1, values=[("clean", total["n_clean"] / max(total["n_examples"], 1)),
-                                    ("robust", total["robust_after"][-1]
-                                     / max(total["n_examples"], 1))])
-    if total is None:
-        total = _attack_examples(forward, tf.zeros((0, 1)), tf.zeros((0,), tf.int32), attacks,
-                                 eps=eps, norm=norm, seed=0)
-    total = _sum_over_workers(strategy, total)
+            batch_counts = {0: _attack_examples(forward, images, labels, attacks, eps=eps,
+                                                norm=norm, seed=batch_seed)}
+        for replica_id, counts in batch_counts.items():
+            _add_counts(replica_counts.setdefault(replica_id, _empty_counts(len(attacks))), counts)
+        local = _local_total(replica_counts, len(attacks))
+        progress_bar.add(1, values=[("clean", local["n_clean"] / max(local["n_examples"], 1)),
+                                    ("robust", local["robust_after"][-1]
+                                     / max(local["n_examples"], 1))])
+    total = _total_over_workers(strategy, replica_counts, len(attacks))
     n_examples = max(total["n_examples"], 1)
     # By position, not by name: the same attack may be listed twice (e.g. apgd-ce,autoattack).
     results = [
