@@ -74,7 +74,6 @@ def run_logged(command, log_path):
         log.write(f"# exit {returncode} after {time.time() - start:.0f} s\n")
     if returncode:
         raise SystemExit(f"error: {' '.join(command)} failed (exit {returncode}); see {log_path}.")
-    return time.time() - start
 
 
 def logged_seconds(log_path):
@@ -104,10 +103,15 @@ def train(name, flagfile, run_dir, args):
     run_logged(command, os.path.join(args.output_dir, "logs", name, "train.log"))
 
 
+def evaluation_path(run_dir, label, args):
+    return os.path.join(run_dir, f"evaluation_{label}_{args.n_examples}.json")
+
+
 def evaluate(name, run_dir, args):
+    """Runs the evaluations the run does not have yet; returns `{label: report}`."""
     reports = {}
     for label, attacks in EVALUATIONS.items():
-        output = os.path.join(run_dir, f"evaluation_{label}_{args.n_examples}.json")
+        output = evaluation_path(run_dir, label, args)
         if not os.path.exists(output):
             print(f"[{name}] evaluating {label} on {args.n_examples} test images", flush=True)
             run_logged(
@@ -129,8 +133,6 @@ def analyze(name, run_dir, args):
         run_logged([sys.executable, "-m", "arat_tf.analyze", f"--run_dir={run_dir}",
                     f"--data_dir={args.data_dir}"],
                    os.path.join(args.output_dir, "logs", name, "analyze.log"))
-    with open(output, encoding="utf-8") as file:
-        return json.load(file)
 
 
 def analysis_summary(analysis):
@@ -259,18 +261,16 @@ def main():
     for name in names:
         flagfile = os.path.relpath(os.path.join(args.config_dir, f"{name}.flags"), REPO)
         run_dir = run_dir_of(os.path.join(REPO, flagfile))
-        finished = all(os.path.exists(os.path.join(run_dir, f"evaluation_{label}_{args.n_examples}.json"))
-                       for label in EVALUATIONS)
-        if not args.summarize:
+        if args.summarize:
+            if not all(os.path.exists(evaluation_path(run_dir, label, args))
+                       for label in EVALUATIONS):
+                continue
+        else:
             train(name, flagfile, run_dir, args)
-            evaluate(name, run_dir, args)
-            if args.analyze:
-                analyze(name, run_dir, args)
-            finished = True
-        if not finished:
-            continue
+        reports = evaluate(name, run_dir, args)  # runs only what is missing
+        if args.analyze and not args.summarize:
+            analyze(name, run_dir, args)
         collect_logs(name, run_dir, args.output_dir)
-        reports = evaluate(name, run_dir, args)
         logs = os.path.join(args.output_dir, "logs", name)
         pgd, autoattack = reports["pgd20"], reports["autoattack"]
         rows.append({
