@@ -39,3 +39,19 @@ def atomic_save_model(model, path):
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def atomic_save_figure(figure, path, **savefig_kwargs):
+    """`figure.savefig(path, **savefig_kwargs)` (a PNG) through a temporary file and `os.replace`.
+    The caller closes the figure."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
+    os.close(handle)
+    try:
+        figure.savefig(temporary, format="png", **savefig_kwargs)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise

@@ -13,10 +13,9 @@ headless-browser test checks). Every file is written atomically; the HTML last.
 
 import csv
 import html
-import io
 import os
 
-from arat_tf.io_utils import atomic_write_text
+from arat_tf.io_utils import atomic_save_figure, atomic_write_text
 from pipeline.artifacts import MODEL, MODEL_BLESSING, MODEL_EVALUATION, PUSHED_MODEL
 
 REPORT_DIR = "report"
@@ -70,15 +69,6 @@ def _previous_evaluations(store, run_id, dataset, current_id):
     return list(points.values())
 
 
-def _save(figure, path):
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    temporary = path + ".tmp"
-    with open(temporary, "wb") as stream:
-        stream.write(buffer.getvalue())
-    os.replace(temporary, path)
-
-
 def plot_tradeoff(path, current, previous, paper, dataset):
     import matplotlib
 
@@ -104,7 +94,7 @@ def plot_tradeoff(path, current, previous, paper, dataset):
     axes.set_title(f"{dataset}: clean vs robust accuracy (test split)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")
-    _save(figure, path)
+    atomic_save_figure(figure, path, dpi=100, bbox_inches="tight")
     plt.close(figure)
 
 
@@ -125,7 +115,7 @@ def plot_attacks(path, evaluation):
     axes.set_ylim(0, max(1e-3, max(values)) * 1.15)
     axes.set_ylabel("accuracy")
     axes.set_title("Robust accuracy after each attack (run in order, per-example worst case)")
-    _save(figure, path)
+    atomic_save_figure(figure, path, dpi=100, bbox_inches="tight")
     plt.close(figure)
 
 
@@ -166,7 +156,7 @@ def plot_training_curves(path, metrics):
         axes.grid(alpha=0.3)
         if keys:
             axes.legend(fontsize=7)
-    _save(figure, path)
+    atomic_save_figure(figure, path, dpi=100, bbox_inches="tight")
     plt.close(figure)
 
 

@@ -5,11 +5,11 @@ training machines, and importing pyplot with a GUI backend there can fail or han
 """
 
 import os
-import tempfile
 
 import numpy as np
 
 from arat_tf.analysis.dual_bn_study import BRANCHES, combination_grid
+from arat_tf.io_utils import atomic_save_figure
 
 MIXTURE_DISTANCE = "wasserstein2"
 
@@ -24,18 +24,9 @@ def _pyplot():
 
 
 def save_figure(figure, path):
-    """`figure.savefig(path)` through a temporary file and `os.replace`, then closes the figure."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    os.close(handle)
+    """Saves `figure` atomically (`io_utils.atomic_save_figure`), closes it, returns `path`."""
     try:
-        figure.savefig(temporary, dpi=120, bbox_inches="tight")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+        atomic_save_figure(figure, path, dpi=120, bbox_inches="tight")
     finally:
         _pyplot().close(figure)
     return path

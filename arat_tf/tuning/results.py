@@ -6,7 +6,7 @@ import math
 import os
 
 from arat_tf.flags import config_to_flagfile
-from arat_tf.io_utils import atomic_write_json, atomic_write_text
+from arat_tf.io_utils import atomic_save_figure, atomic_write_json, atomic_write_text
 from arat_tf.tuning.search_space import apply_trial, trial_values
 
 BASE_COLUMNS = ("trial_id", "status", "clean", "robust", "objective")
@@ -85,10 +85,8 @@ def plot_tradeoff(records, path, best_id=None, title=None):
     if done:
         axes.legend(loc="best", fontsize=8)
     figure.tight_layout()
-    tmp = path + ".tmp.png"
-    figure.savefig(tmp, format="png")
+    atomic_save_figure(figure, path)
     plt.close(figure)
-    os.replace(tmp, path)
 
 
 def write_outputs(oracle, base_config, output_dir, best_run_dir=None, title=None):
