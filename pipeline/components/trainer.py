@@ -56,7 +56,10 @@ class Trainer(Component):
         else:  # nothing worth keeping (killed before its first checkpoint): start clean
             for name in os.listdir(location.path):
                 path = os.path.join(location.path, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
         config = config_on_examples(
             self.parameters["training"], inputs["examples"], run_dir=location.path,
             verbose=self.runtime["verbose"], strategy=self.runtime["strategy"],
