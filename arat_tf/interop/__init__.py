@@ -1,0 +1,1 @@
+"""Reading models written by other frameworks."""
