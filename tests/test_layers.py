@@ -624,8 +624,9 @@ def test_predictor_shapes():
     assert head.compute_output_shape((None, 512)) == (None, 512)
     assert tuple(head.hidden_dense.kernel.shape) == (512, 128)
     assert head.hidden_dense.use_bias is False and head.hidden_dense.bias is None
-    assert tuple(head.hidden_norm.gamma.shape) == (128,)
-    assert tuple(head.hidden_norm.moving_mean.shape) == (128,)
+    gamma, _ = head.hidden_norm.affine_parameters("adv")
+    moving_mean, _ = head.hidden_norm.moving_statistics("adv")
+    assert tuple(gamma.shape) == (128,) and tuple(moving_mean.shape) == (128,)
     assert head.hidden_norm.momentum == MOMENTUM and head.hidden_norm.epsilon == EPS
     assert tuple(head.output_dense.kernel.shape) == (128, 512)
     assert tuple(head.output_dense.bias.shape) == (512,)
@@ -633,15 +634,41 @@ def test_predictor_shapes():
     assert tuple(head(z, training=False).shape) == (4, 512)
 
 
-def test_predictor_default_ratio_and_training_updates_bn():
+def test_predictor_hidden_width_is_the_authors_floor():
+    """`int(d * ratio)`, as the authors' `hidden_dim = int(feat_dim * pred_dim_ratio)`."""
+    head = Predictor(hidden_ratio=0.3)
+    head.build((None, 50))
+    assert tuple(head.hidden_dense.kernel.shape) == (50, 15)
+
+
+def test_predictor_bn_keeps_pytorch_style_moving_statistics():
+    """The head's BN updates its moving variance with the UNBIASED batch variance, as PyTorch's
+    BatchNorm1d in the authors' head (for a batch of 8 a factor 8/7 over Keras' biased one)."""
     head = Predictor()
-    assert head.hidden_ratio == 0.25
     z = _batch(81, shape=(8, 16), loc=1.0)
     head(z, training=False)
-    before = head.hidden_norm.moving_mean.numpy().copy()
+    moving_mean, moving_variance = (v.numpy().copy() for v in head.hidden_norm.moving_statistics("adv"))
     head(z, training=True)
-    assert not np.array_equal(head.hidden_norm.moving_mean.numpy(), before)
+    hidden = head.hidden_dense(z).numpy().astype("float64")
+    _close(head.hidden_norm.moving_statistics("adv")[0].numpy(),
+           MOMENTUM * moving_mean + (1 - MOMENTUM) * hidden.mean(0))
+    _close(head.hidden_norm.moving_statistics("adv")[1].numpy(),
+           MOMENTUM * moving_variance + (1 - MOMENTUM) * hidden.var(0, ddof=1))
     assert tuple(head.hidden_dense.kernel.shape) == (16, 4)
+
+
+def test_predictor_starts_from_pytorch_default_initialisation():
+    """Kernels and the output bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as `nn.Linear`."""
+    keras.utils.set_random_seed(3)
+    head = Predictor()
+    head.build((None, 1024))
+    for weights, fan_in in ((head.hidden_dense.kernel, 1024), (head.output_dense.kernel, 256),
+                            (head.output_dense.bias, 256)):
+        values = np.asarray(weights)
+        bound = 1.0 / np.sqrt(fan_in)
+        assert np.abs(values).max() <= bound
+        assert np.abs(values).max() > 0.95 * bound and abs(values.mean()) < 0.05 * bound
+        np.testing.assert_allclose(values.std(), bound / np.sqrt(3.0), rtol=0.1)
 
 
 def test_predictor_config_round_trip():
@@ -755,3 +782,58 @@ def test_synchronized_mirrored_strategy_matches_global_batch():
             if not diff <= 1e-5:
                 failures.append({**case, "bad": name})
     assert not failures, json.dumps(failures, indent=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Accuracy of training-mode BN (the statistics and the backward pass)
+
+
+def _np_batch_norm_gradients(x, gamma, upstream):
+    """float64 closed form: (dx, dgamma, dbeta) of training-mode BN for an upstream gradient."""
+    x, upstream = np.asarray(x, np.float64), np.asarray(upstream, np.float64)
+    axes = tuple(range(x.ndim - 1))
+    mean, var, _ = _np_moments(x)
+    xhat = (x - mean) / np.sqrt(var + EPS)
+    dbeta, dgamma = upstream.sum(axes), (upstream * xhat).sum(axes)
+    n = x.size // x.shape[-1]
+    dx = gamma / np.sqrt(var + EPS) * (upstream - (dbeta + xhat * dgamma) / n)
+    return dx, dgamma, dbeta
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
+def test_training_bn_is_accurate_on_an_offset_batch(compiled):
+    """Batch statistics and gradients in float32 stay close to float64 on a CIFAR-sized batch
+    (32 x 32 x 32 pixels per channel) whose mean is 3 standard deviations from zero, as after a
+    convolution.
+
+    A one-level float32 sum over 32,768 elements (TensorFlow's fused CPU kernel) gets the mean
+    wrong by ~3e-6 relative here, the outputs by 2.4e-5 and the input gradient by 2.2e-6 (all
+    above the bounds below; two-level sums: 2e-7, 1.6e-6 and 1.6e-7). ARAT's attack
+    differentiates through twenty such BNs at every PGD step, so this is what decides whether
+    its trajectory follows the authors' float64 one (tests/test_reference_fidelity.py)."""
+    layer = _built(SplitBatchNormalization(), shape=(32, 32, 32, 4))
+    gamma, beta = layer.affine_parameters("adv")
+    gamma.assign([0.5, 1.0, 1.5, 2.0])
+    x = _batch(90, shape=(32, 32, 32, 4), loc=3.0)
+    upstream = _batch(91, shape=(32, 32, 32, 4), loc=0.3)
+
+    def forward_and_gradients(images):
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            outputs = layer(images, training=True, branch="adv")
+            loss = tf.reduce_sum(outputs * upstream)
+        return (outputs, *tape.gradient(loss, [images, gamma, beta]))
+
+    run = tf.function(forward_and_gradients) if compiled else forward_and_gradients
+    outputs, dx, dgamma, dbeta = run(tf.constant(x))
+    mean, var, var_unbiased = _np_moments(x)
+    np.testing.assert_allclose(outputs, _np_normalize(x, mean, var, gamma.numpy(), 0.0),
+                               rtol=0, atol=1e-5)
+    expected = _np_batch_norm_gradients(x, gamma.numpy(), upstream)
+    for name, actual, reference, bound in zip(("dx", "dgamma", "dbeta"), (dx, dgamma, dbeta),
+                                              expected, (1e-6, 1e-4, 1e-6)):
+        relative = np.linalg.norm(np.asarray(actual, np.float64) - reference) / np.linalg.norm(reference)
+        assert relative < bound, (name, relative)
+    moving_mean, moving_variance = layer.moving_statistics("adv")
+    _close(moving_mean.numpy(), _np_ema(0.0, mean), rtol=1e-6, atol=0)
+    _close(moving_variance.numpy(), _np_ema(1.0, var_unbiased), rtol=1e-5, atol=0)

@@ -1,5 +1,7 @@
 """Behaviour tests for arat_tf.models: logits, taps, BN branches, serialisation, argument checks."""
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -426,3 +428,49 @@ def test_initialisation_follows_the_keras_seed(name):
     assert all(kernels_differ), (
         f"{kernels_differ.count(False)} of {len(kernels_differ)} kernels ignore the seed"
     )
+
+
+LEGACY_DIR = Path(__file__).resolve().parent / "data" / "arat_tf_0_1"
+
+
+def test_a_model_saved_by_arat_tf_0_1_loads_with_its_own_padding_and_logits():
+    """0.1 models padded strided convolutions as TensorFlow's "same"; their config has no
+    conv_padding. They load with that padding (and say so), never silently as PyTorch's."""
+    recorded = np.load(LEGACY_DIR / "resnet10_w0125_arat_tf_0_1_logits.npz")
+    with pytest.warns(UserWarning, match="arat_tf 0.1.*'tf_same'"):
+        model = keras.models.load_model(LEGACY_DIR / "resnet10_w0125_arat_tf_0_1.keras")
+    assert model.conv_padding == "tf_same" and model.get_config()["conv_padding"] == "tf_same"
+    for branch in ("adv", "clean"):
+        np.testing.assert_allclose(model(recorded["images"], branch=branch),
+                                   recorded[f"logits_{branch}"], rtol=1e-5, atol=1e-5)
+    # The same weights with PyTorch's padding are another network: the padding is not cosmetic.
+    torch_padded = ResNet.from_config(dict(model.get_config(), conv_padding="torch"))
+    torch_padded.build((None, 32, 32, 3))
+    torch_padded.set_weights(model.get_weights())
+    moved = np.abs(torch_padded(recorded["images"], branch="adv") - recorded["logits_adv"])
+    assert moved.max() > 1e-3
+
+
+def test_strided_convolutions_pad_symmetrically_as_pytorch():
+    """A stride-2 3x3 convolution with PyTorch's padding=1 sees the input shifted by one pixel
+    against TensorFlow's "same" (which pads 0 top/left, 1 bottom/right): on an image whose only
+    non-zero pixel is at (0, 0), the torch-padded output at (0, 0) uses the kernel's centre."""
+    from arat_tf.layers.padded_conv2d import PaddedConv2D
+
+    image = np.zeros((1, 8, 8, 1), "float32")
+    image[0, 0, 0, 0] = 1.0
+    kernel = np.arange(9, dtype="float32").reshape(3, 3, 1, 1)
+    outputs = {}
+    for padding in ("symmetric", "same"):
+        conv = PaddedConv2D(1, 3, strides=2, padding=padding, use_bias=False)
+        conv.build((None, 8, 8, 1))
+        conv.kernel.assign(kernel)
+        outputs[padding] = np.asarray(conv(image))[0, :, :, 0]
+        assert outputs[padding].shape == (4, 4)
+    assert outputs["symmetric"][0, 0] == kernel[1, 1, 0, 0]  # centre tap on pixel (0, 0)
+    assert outputs["same"][0, 0] == kernel[0, 0, 0, 0]       # TF: top-left tap on pixel (0, 0)
+    # At stride 1 both paddings are the same convolution.
+    same_stride_one = PaddedConv2D(1, 3, padding="symmetric")
+    assert same_stride_one.padding == "same"
+    restored = PaddedConv2D.from_config(PaddedConv2D(2, 3, strides=2).get_config())
+    assert restored.get_config()["padding"] == "symmetric"

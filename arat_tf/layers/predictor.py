@@ -2,6 +2,9 @@
 
 import keras
 
+from arat_tf.layers.split_batch_normalization import SplitBatchNormalization
+from arat_tf.layers.torch_defaults import torch_default_dense
+
 
 @keras.saving.register_keras_serializable(package="arat_tf")
 class Predictor(keras.layers.Layer):
@@ -11,8 +14,13 @@ class Predictor(keras.layers.Layer):
     predictor `h` gives the adversarial side a trainable map towards the clean representation, so
     the invariance gradient need not pull the shared weights against the classification gradient
     (the paper's "gradient conflict"). It is a training-only head: never used at inference and not
-    exported. Its BN is an ordinary one with PyTorch's defaults; it only ever sees adversarial
-    representations.
+    exported. It only ever sees adversarial representations.
+
+    It is the authors' head exactly (their `AlignLoss` predictor): the hidden width is
+    `int(d * hidden_ratio)`, both Dense layers start from PyTorch's default initialisation, and
+    its BatchNorm keeps PyTorch-style moving statistics (momentum 0.1, epsilon 1e-5, moving
+    variance updated with the unbiased batch variance: for a batch of 32 that is a factor 32/31
+    over the biased one Keras' own BatchNormalization would use).
 
     Args:
         hidden_ratio: hidden width as a fraction of the input width `d` (ARAT: 1/4).
@@ -36,12 +44,13 @@ class Predictor(keras.layers.Layer):
 
     def build(self, input_shape):
         width = input_shape[-1]
-        hidden = max(1, int(round(width * self.hidden_ratio)))
-        self.hidden_dense = keras.layers.Dense(hidden, use_bias=False, name="hidden_dense")
-        self.hidden_norm = keras.layers.BatchNormalization(
-            momentum=0.9, epsilon=1e-5, synchronized=self.synchronized, name="hidden_norm"
+        hidden = max(1, int(width * self.hidden_ratio))
+        self.hidden_dense = torch_default_dense(hidden, width, "hidden_dense", use_bias=False)
+        self.hidden_norm = SplitBatchNormalization(
+            split_statistics=False, split_affine=False, synchronized=self.synchronized,
+            name="hidden_norm",
         )
-        self.output_dense = keras.layers.Dense(width, name="output_dense")
+        self.output_dense = torch_default_dense(width, hidden, "output_dense")
         self.hidden_dense.build(input_shape)
         self.hidden_norm.build((*input_shape[:-1], hidden))
         self.output_dense.build((*input_shape[:-1], hidden))

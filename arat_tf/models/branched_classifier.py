@@ -1,19 +1,32 @@
 """BranchedClassifier: the contract every arat_tf model follows."""
 
+import warnings
+
 import keras
 import tensorflow as tf
 
 from arat_tf.layers import BN_MODES, make_normalization
+from arat_tf.layers.padded_conv2d import PaddedConv2D
+from arat_tf.layers.torch_defaults import torch_default_kernel_init
 
-def torch_default_kernel_init():
-    """PyTorch's default init for conv and dense kernels (kaiming_uniform with a=sqrt(5)), which the
-    reference ResNets of the ARAT/TRADES/MART code bases rely on.
+# How strided convolutions pad: "torch" (PyTorch's symmetric `padding=k // 2`, the papers'
+# networks) or "tf_same" (TensorFlow's "same": what arat_tf 0.1 models were trained with).
+CONV_PADDINGS = ("torch", "tf_same")
+LEGACY_CONV_PADDING = "tf_same"
 
-    A new initializer per layer: a Keras initializer object fixes its seed when constructed, so one
-    shared object would give every same-shaped layer the same initial weights and ignore
-    `keras.utils.set_random_seed`.
+
+def make_conv(filters, kernel_size, strides, name, conv_padding, kernel_initializer):
+    """A bias-free convolution that pads as `conv_padding` says (one of `CONV_PADDINGS`).
+
+    Only a strided convolution with a kernel wider than 1 pads differently under the two
+    paddings; it is a `PaddedConv2D` under "torch". Every other convolution is Keras' own
+    `Conv2D(padding="same")`, which is already symmetric there, so that a "tf_same" model is
+    built exactly as arat_tf 0.1 built it and loads its `.keras` files.
     """
-    return keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
+    common = dict(strides=strides, use_bias=False, kernel_initializer=kernel_initializer, name=name)
+    if conv_padding == "torch" and strides > 1 and kernel_size > 1:
+        return PaddedConv2D(filters, kernel_size, padding="symmetric", **common)
+    return keras.layers.Conv2D(filters, kernel_size, padding="same", **common)
 
 
 def pooled_tap(activation):
@@ -38,10 +51,16 @@ class BranchedClassifier(keras.Model):
             with a message naming both shapes.
         bn_mode: normalisation variant at every BN site, one of `arat_tf.layers.BN_MODES`.
         synchronized_bn: synchronise BN batch statistics across replicas.
+        conv_padding: how strided convolutions pad, one of `CONV_PADDINGS`: "torch" (PyTorch's
+            symmetric padding, so the authors' weights give the authors' logits) or "tf_same"
+            (TensorFlow's "same", which pads a stride-2 3x3 convolution of an even input 0/1
+            instead of 1/1). A saved model whose config has no `conv_padding` was written by
+            arat_tf 0.1 with "tf_same" and loads with it (`from_config`).
         **kwargs: base `keras.Model` arguments (`name`, ...).
     """
 
-    def __init__(self, num_classes, image_shape, bn_mode="dual", synchronized_bn=False, **kwargs):
+    def __init__(self, num_classes, image_shape, bn_mode="dual", synchronized_bn=False,
+                 conv_padding="torch", **kwargs):
         super().__init__(**kwargs)
         if int(num_classes) < 2:
             raise ValueError(f"num_classes must be >= 2, received num_classes={num_classes}.")
@@ -51,10 +70,25 @@ class BranchedClassifier(keras.Model):
             )
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode must be one of {BN_MODES}, received bn_mode={bn_mode!r}.")
+        if conv_padding not in CONV_PADDINGS:
+            raise ValueError(
+                f"conv_padding must be one of {CONV_PADDINGS}, received conv_padding={conv_padding!r}."
+            )
+        self.conv_padding = conv_padding
         self.num_classes = int(num_classes)
         self.image_shape = tuple(int(d) for d in image_shape)
         self.bn_mode = bn_mode
         self.synchronized_bn = bool(synchronized_bn)
+
+    def conv(self, filters, kernel_size, strides, name, kernel_initializer=None):
+        """A bias-free convolution padded as this model's `conv_padding` says."""
+        return make_conv(filters, kernel_size, strides, name, self.conv_padding,
+                         kernel_initializer or torch_default_kernel_init())
+
+    def block_arguments(self):
+        """The keyword arguments every residual block of this model takes from it."""
+        return dict(bn_mode=self.bn_mode, synchronized_bn=self.synchronized_bn,
+                    conv_padding=self.conv_padding)
 
     def norm(self, name):
         """A normalisation layer of this model's `bn_mode`."""
@@ -96,5 +130,19 @@ class BranchedClassifier(keras.Model):
             image_shape=self.image_shape,
             bn_mode=self.bn_mode,
             synchronized_bn=self.synchronized_bn,
+            conv_padding=self.conv_padding,
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        if "conv_padding" not in config:
+            warnings.warn(
+                f"{cls.__name__} config without 'conv_padding': the model was saved by arat_tf 0.1, "
+                f"whose strided convolutions pad as TensorFlow's 'same'; it is loaded with that "
+                f"padding ({LEGACY_CONV_PADDING!r}), as it was trained. New models pad as PyTorch "
+                f"('torch').",
+                stacklevel=2,
+            )
+            config = dict(config, conv_padding=LEGACY_CONV_PADDING)
+        return super().from_config(config)

@@ -3,17 +3,14 @@
 import keras
 import tensorflow as tf
 
-from arat_tf.models.branched_classifier import (
-    torch_default_kernel_init,
-    BranchedClassifier,
-    pooled_tap,
-)
+from arat_tf.layers.torch_defaults import torch_default_dense
+from arat_tf.models.branched_classifier import BranchedClassifier, pooled_tap
 from arat_tf.models.residual_block import (
     ResidualBlock,
     run_residual_blocks,
     tapped_block_names,
 )
-from arat_tf.models.resnet import RESNET_STAGE_BLOCKS, conv, resnet_stage_plan, scaled_width
+from arat_tf.models.resnet import RESNET_STAGE_BLOCKS, resnet_stage_plan, scaled_width
 
 
 @keras.saving.register_keras_serializable(package="arat_tf")
@@ -28,13 +25,13 @@ class PreActBlock(ResidualBlock):
     def __init__(self, filters, strides=1, **kwargs):
         super().__init__(filters, strides, **kwargs)
         self.bn1 = self.norm("bn1")
-        self.conv1 = conv(filters, 3, strides, "conv1")
+        self.conv1 = self.conv(filters, 3, strides, "conv1")
         self.bn2 = self.norm("bn2")
-        self.conv2 = conv(filters, 3, 1, "conv2")
+        self.conv2 = self.conv(filters, 3, 1, "conv2")
 
     def build(self, input_shape):
         if self.needs_projection(input_shape):
-            self.shortcut_conv = conv(self.filters, 1, self.strides, "shortcut_conv")
+            self.shortcut_conv = self.conv(self.filters, 1, self.strides, "shortcut_conv")
 
     def call(self, inputs, training=None, branch="adv"):
         bn1 = self.bn1(inputs, training=training, branch=branch)
@@ -70,16 +67,13 @@ class PreActResNet(BranchedClassifier):
         plan = resnet_stage_plan(depth, width)
         self.depth = int(depth)
         self.width = float(width)
-        self.stem_conv = conv(scaled_width(64, width), 3, 1, "stem_conv")
+        self.stem_conv = self.conv(scaled_width(64, width), 3, 1, "stem_conv")
         self.blocks = [
-            PreActBlock(filters, strides, bn_mode=self.bn_mode,
-                        synchronized_bn=self.synchronized_bn, name=name)
+            PreActBlock(filters, strides, name=name, **self.block_arguments())
             for name, filters, strides in plan
         ]
         self.final_bn = self.norm("final_bn")
-        self.classifier = keras.layers.Dense(
-            num_classes, kernel_initializer=torch_default_kernel_init(), name="classifier"
-        )
+        self.classifier = torch_default_dense(num_classes, plan[-1][1], "classifier")
         self._last_stage = f"block{len(RESNET_STAGE_BLOCKS[depth])}."
 
     @property

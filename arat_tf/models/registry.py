@@ -9,7 +9,7 @@ MODELS = ("resnet", "preact_resnet", "wide_resnet", "small_cnn")
 
 
 def build_model(name, *, num_classes, image_shape, bn_mode="dual", synchronized_bn=False,
-                depth=None, width=1.0):
+                depth=None, width=1.0, conv_padding="torch"):
     """Builds and initialises (all variables created) a `BranchedClassifier` by name.
 
     Args:
@@ -21,13 +21,15 @@ def build_model(name, *, num_classes, image_shape, bn_mode="dual", synchronized_
         depth: ResNet depth (10/18/34, default 18) or WideResNet depth (6n+4, default 34);
             ignored by small_cnn.
         width: channel multiplier; for wide_resnet, the widen factor (pass 10 for WRN-34-10).
+        conv_padding: "torch" (PyTorch's symmetric padding of strided convolutions) or "tf_same"
+            (see `BranchedClassifier`).
 
     Returns:
         A built model.
     """
     common = dict(
         num_classes=num_classes, image_shape=tuple(image_shape), bn_mode=bn_mode,
-        synchronized_bn=synchronized_bn,
+        synchronized_bn=synchronized_bn, conv_padding=conv_padding,
     )
     if name == "resnet":
         model = ResNet(depth=depth or 18, width=width, **common)

@@ -3,7 +3,8 @@
 import keras
 
 from arat_tf.layers import make_normalization
-from arat_tf.models.branched_classifier import pooled_tap
+from arat_tf.layers.torch_defaults import torch_default_kernel_init
+from arat_tf.models.branched_classifier import make_conv, pooled_tap
 
 
 class ResidualBlock(keras.layers.Layer):
@@ -17,18 +18,30 @@ class ResidualBlock(keras.layers.Layer):
         strides: stride of the first convolution (and of a projecting shortcut).
         bn_mode: normalisation variant (`arat_tf.layers.BN_MODES`).
         synchronized_bn: synchronise BN statistics across replicas.
+        conv_padding: "torch" or "tf_same" (see `BranchedClassifier`).
         **kwargs: base `keras.layers.Layer` arguments.
     """
 
-    def __init__(self, filters, strides=1, bn_mode="dual", synchronized_bn=False, **kwargs):
+    def __init__(self, filters, strides=1, bn_mode="dual", synchronized_bn=False,
+                 conv_padding="torch", **kwargs):
         super().__init__(**kwargs)
         self.filters = int(filters)
         self.strides = int(strides)
         self.bn_mode = bn_mode
         self.synchronized_bn = bool(synchronized_bn)
+        self.conv_padding = conv_padding
         self.shortcut_conv = None
 
     activation_names = ()
+
+    def conv_kernel_initializer(self):
+        """The initializer of this block's convolutions (PyTorch's default unless overridden)."""
+        return torch_default_kernel_init()
+
+    def conv(self, filters, kernel_size, strides, name):
+        """A bias-free convolution padded as this block's `conv_padding` says."""
+        return make_conv(filters, kernel_size, strides, name, self.conv_padding,
+                         self.conv_kernel_initializer())
 
     def tap_names(self):
         """`"<block name>.<activation name>"` for each activation the block returns."""
@@ -46,7 +59,7 @@ class ResidualBlock(keras.layers.Layer):
         config = super().get_config()
         config.update(
             filters=self.filters, strides=self.strides, bn_mode=self.bn_mode,
-            synchronized_bn=self.synchronized_bn,
+            synchronized_bn=self.synchronized_bn, conv_padding=self.conv_padding,
         )
         return config
 

@@ -3,7 +3,8 @@
 import keras
 import tensorflow as tf
 
-from arat_tf.models.branched_classifier import BranchedClassifier, torch_default_kernel_init
+from arat_tf.layers.torch_defaults import torch_default_dense
+from arat_tf.models.branched_classifier import BranchedClassifier
 from arat_tf.models.residual_block import (
     ResidualBlock,
     run_residual_blocks,
@@ -11,14 +12,6 @@ from arat_tf.models.residual_block import (
 )
 
 RESNET_STAGE_BLOCKS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
-
-
-def conv(filters, kernel_size, strides, name):
-    """A bias-free 'same' convolution with PyTorch's default initialisation."""
-    return keras.layers.Conv2D(
-        filters, kernel_size, strides=strides, padding="same", use_bias=False,
-        kernel_initializer=torch_default_kernel_init(), name=name,
-    )
 
 
 def scaled_width(base, width):
@@ -56,14 +49,14 @@ class BasicBlock(ResidualBlock):
 
     def __init__(self, filters, strides=1, **kwargs):
         super().__init__(filters, strides, **kwargs)
-        self.conv1 = conv(filters, 3, strides, "conv1")
+        self.conv1 = self.conv(filters, 3, strides, "conv1")
         self.bn1 = self.norm("bn1")
-        self.conv2 = conv(filters, 3, 1, "conv2")
+        self.conv2 = self.conv(filters, 3, 1, "conv2")
         self.bn2 = self.norm("bn2")
 
     def build(self, input_shape):
         if self.needs_projection(input_shape):
-            self.shortcut_conv = conv(self.filters, 1, self.strides, "shortcut_conv")
+            self.shortcut_conv = self.conv(self.filters, 1, self.strides, "shortcut_conv")
             self.shortcut_bn = self.norm("shortcut_bn")
 
     def call(self, inputs, training=None, branch="adv"):
@@ -105,16 +98,13 @@ class ResNet(BranchedClassifier):
         plan = resnet_stage_plan(depth, width)
         self.depth = int(depth)
         self.width = float(width)
-        self.stem_conv = conv(scaled_width(64, width), 3, 1, "stem_conv")
+        self.stem_conv = self.conv(scaled_width(64, width), 3, 1, "stem_conv")
         self.stem_bn = self.norm("stem_bn")
         self.blocks = [
-            BasicBlock(filters, strides, bn_mode=self.bn_mode,
-                       synchronized_bn=self.synchronized_bn, name=name)
+            BasicBlock(filters, strides, name=name, **self.block_arguments())
             for name, filters, strides in plan
         ]
-        self.classifier = keras.layers.Dense(
-            num_classes, kernel_initializer=torch_default_kernel_init(), name="classifier"
-        )
+        self.classifier = torch_default_dense(num_classes, plan[-1][1], "classifier")
         self._last_stage = f"block{len(RESNET_STAGE_BLOCKS[depth])}."
 
     @property

@@ -3,7 +3,8 @@
 import keras
 import tensorflow as tf
 
-from arat_tf.models.branched_classifier import BranchedClassifier, torch_default_kernel_init
+from arat_tf.layers.torch_defaults import torch_default_kernel_init
+from arat_tf.models.branched_classifier import BranchedClassifier
 
 
 @keras.saving.register_keras_serializable(package="arat_tf")

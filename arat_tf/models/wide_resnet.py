@@ -3,6 +3,7 @@
 import keras
 import tensorflow as tf
 
+from arat_tf.layers.torch_defaults import torch_default_kernel_init
 from arat_tf.models.branched_classifier import BranchedClassifier, pooled_tap
 from arat_tf.models.residual_block import (
     ResidualBlock,
@@ -10,13 +11,11 @@ from arat_tf.models.residual_block import (
     tapped_block_names,
 )
 
-def wrn_conv(filters, kernel_size, strides, name):
-    """A bias-free 'same' convolution with the TRADES/ARAT WideResNet initialisation (He-normal,
-    fan_out; a new initializer per layer, see `torch_default_kernel_init`)."""
-    return keras.layers.Conv2D(
-        filters, kernel_size, strides=strides, padding="same", use_bias=False,
-        kernel_initializer=keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal"), name=name,
-    )
+
+def wrn_kernel_init():
+    """The TRADES/ARAT WideResNet's conv initialisation: He-normal over fan_out (a new initializer
+    per layer, see `torch_default_kernel_init`)."""
+    return keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
 
 
 @keras.saving.register_keras_serializable(package="arat_tf")
@@ -32,13 +31,16 @@ class WideBasicBlock(ResidualBlock):
     def __init__(self, filters, strides=1, **kwargs):
         super().__init__(filters, strides, **kwargs)
         self.bn1 = self.norm("bn1")
-        self.conv1 = wrn_conv(filters, 3, strides, "conv1")
+        self.conv1 = self.conv(filters, 3, strides, "conv1")
         self.bn2 = self.norm("bn2")
-        self.conv2 = wrn_conv(filters, 3, 1, "conv2")
+        self.conv2 = self.conv(filters, 3, 1, "conv2")
+
+    def conv_kernel_initializer(self):
+        return wrn_kernel_init()
 
     def build(self, input_shape):
         if self.needs_projection(input_shape):
-            self.shortcut_conv = wrn_conv(self.filters, 1, self.strides, "shortcut_conv")
+            self.shortcut_conv = self.conv(self.filters, 1, self.strides, "shortcut_conv")
 
     def call(self, inputs, training=None, branch="adv"):
         relu1 = tf.nn.relu(self.bn1(inputs, training=training, branch=branch))
@@ -78,20 +80,21 @@ class WideResNet(BranchedClassifier):
         self.widen_factor = widen_factor
         blocks_per_group = (depth - 4) // 6
         widths = [max(1, int(round(c * widen_factor))) for c in (16, 32, 64)]
-        self.stem_conv = wrn_conv(16, 3, 1, "stem_conv")
+        self.stem_conv = self.conv(16, 3, 1, "stem_conv", kernel_initializer=wrn_kernel_init())
         self.blocks = []
         for group, filters in enumerate(widths, start=1):
             for index in range(blocks_per_group):
                 self.blocks.append(
                     WideBasicBlock(
                         filters, 2 if group > 1 and index == 0 else 1,
-                        bn_mode=self.bn_mode, synchronized_bn=self.synchronized_bn,
-                        name=f"group{group}.{index}",
+                        name=f"group{group}.{index}", **self.block_arguments(),
                     )
                 )
         self.final_bn = self.norm("final_bn")
+        # The TRADES/ARAT WideResNet zeroes the classifier bias and keeps PyTorch's default kernel.
         self.classifier = keras.layers.Dense(
-            num_classes, bias_initializer="zeros", name="classifier"
+            num_classes, kernel_initializer=torch_default_kernel_init(), bias_initializer="zeros",
+            name="classifier",
         )
 
     @property
