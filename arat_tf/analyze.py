@@ -22,6 +22,7 @@ import os
 from absl import app, flags, logging
 
 from arat_tf.analysis.suite import ANALYSES
+from arat_tf.cli import usage_error
 from arat_tf.flags import NumberOrFractionParser
 
 flags.DEFINE_string("run_dir", None, "Run directory of arat_tf.train (config.json, model.keras, "
@@ -45,17 +46,17 @@ FLAGS = flags.FLAGS
 
 def _check_flags(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        raise usage_error(f"Unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.run_dir:
-        raise app.UsageError("--run_dir is required.")
+        raise usage_error("--run_dir is required.")
     unknown = [name for name in FLAGS.analyses if name not in ANALYSES]
     if unknown or not FLAGS.analyses:
-        raise app.UsageError(f"--analyses: unknown {', '.join(unknown) or '(none given)'}; "
+        raise usage_error(f"--analyses: unknown {', '.join(unknown) or '(none given)'}; "
                              f"choose from {', '.join(ANALYSES)}.")
     if FLAGS.n_examples < 1 or FLAGS.batch_size < 1:
-        raise app.UsageError("--n_examples and --batch_size must be >= 1.")
+        raise usage_error("--n_examples and --batch_size must be >= 1.")
     if FLAGS.eps is not None and FLAGS.eps < 0:
-        raise app.UsageError(f"--eps must be >= 0, got {FLAGS.eps}.")
+        raise usage_error(f"--eps must be >= 0, got {FLAGS.eps}.")
 
 
 def _format(value):
@@ -138,7 +139,7 @@ def main(argv):
     try:
         attacks = resolve_attacks(attack_names, spec.num_classes, config.attack_norm) if attack_names else []
     except ValueError as error:
-        raise app.UsageError(f"--dual_bn_attacks: {error}") from None
+        raise usage_error(f"--dual_bn_attacks: {error}") from None
 
     analyses = list(dict.fromkeys(FLAGS.analyses))
     skipped = unavailable_analyses(trainer, analyses)

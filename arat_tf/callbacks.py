@@ -16,14 +16,17 @@ from arat_tf.io_utils import atomic_write_json, atomic_write_text
 class CeWeightAutoBalance(keras.callbacks.Callback):
     """ARAT's auto-balance of its two cross-entropy weights (the authors' default).
 
-    At the start of every epoch it measures the clean-branch accuracy (inference mode) on a fixed
-    probe of training images and sets `w_adv = accuracy`, `w_clean = 1 - accuracy`: early on, when
-    the model is poor, the clean CE dominates; as it learns, weight shifts to the adversarial CE.
-    The values are added to the epoch logs as `w_adv`.
+    At the start of every epoch it measures the clean-branch accuracy (inference mode) on a probe
+    of training images and sets `w_adv = accuracy`, `w_clean = 1 - accuracy`: early on, when the
+    model is poor, the clean CE dominates; as it learns, weight shifts to the adversarial CE.
+    The values are added to the epoch logs as `w_adv`. The probe is iterated anew every epoch, so
+    a probe taken from the shuffled, augmented training pipeline is a fresh sample each time (the
+    authors' code), and a fixed one the same images every time (`--auto_balance_sample`).
 
     Args:
         trainer: an `AratTrainer` (owns `adv_ce_weight` / `clean_ce_weight` variables).
-        probe_dataset: batched `(images, labels)`, e.g. the first 1,024 training images.
+        probe_dataset: batched `(images, labels)`, e.g. the first 8 batches of the training
+            pipeline or the first 1,024 training images.
     """
 
     def __init__(self, trainer, probe_dataset):

@@ -16,6 +16,7 @@ from arat_tf.data import AUGMENTATIONS, SUPPORTED_DATASETS
 from arat_tf.layers import BN_MODES
 from arat_tf.methods import METHOD_DEFAULTS, METHODS
 from arat_tf.models import MODELS
+from arat_tf.models.branched_classifier import CONV_PADDINGS
 from arat_tf.schedules import LEARNING_RATE_SCHEDULES
 
 AUTO = "auto"
@@ -50,6 +51,12 @@ class TrainConfig:
     width: float = _field(1.0, "Channel multiplier (wide_resnet: the widen factor, e.g. 10).")
     bn_mode: str = _field(AUTO, "Normalisation variant ('auto': the method's).", (AUTO,) + BN_MODES)
     synchronized_bn: bool = _field(False, "Synchronise BN batch statistics across replicas.")
+    conv_padding: str = _field("torch", "Padding of strided convolutions: 'torch' (symmetric, as "
+                                        "PyTorch and the papers' code) or 'tf_same' (TensorFlow's "
+                                        "'same', as arat_tf 0.1 models).", CONV_PADDINGS)
+    init_from: str = _field("", "Start from the weights of this .keras model, or of a directory "
+                                "holding model.keras (and ARAT's predictor_heads.npz), e.g. one "
+                                "written by arat_tf.import_torch; the optimizer starts fresh.")
     # Method and attacks.
     method: str = _field("arat", "Training method.", METHODS)
     eps: float = _field(8 / 255, "Perturbation budget of the training and validation attacks "
@@ -80,6 +87,11 @@ class TrainConfig:
     adv_ce_weight: float = _field(1.0, "Fixed ARAT weight of the adversarial CE.")
     clean_ce_weight: float = _field(1.0, "Fixed ARAT weight of the clean CE.")
     auto_balance_examples: int = _field(1024, "Training images measured by the CE auto-balance.")
+    auto_balance_sample: str = _field("fresh", "Which training images the CE auto-balance measures: "
+                                               "'fresh' (the first batches of a freshly shuffled, "
+                                               "augmented pass each epoch, as the authors' code) or "
+                                               "'fixed' (the first --auto_balance_examples images, "
+                                               "unaugmented, every epoch).", ("fresh", "fixed"))
     # Baselines.
     trades_beta: float = _field(6.0, "TRADES beta.")
     mart_beta: float = _field(5.0, "MART beta (5 for ResNet-18, 6 for WRN).")

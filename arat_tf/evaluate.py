@@ -10,6 +10,7 @@ import os
 
 from absl import app, flags, logging
 
+from arat_tf.cli import usage_error
 from arat_tf.flags import NumberOrFractionParser
 
 flags.DEFINE_string("run_dir", None, "Run directory of arat_tf.train (uses its model.keras and config).")
@@ -44,13 +45,13 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        raise usage_error(f"Unexpected arguments: {' '.join(argv[1:])}")
     if bool(FLAGS.run_dir) == bool(FLAGS.model):
-        raise app.UsageError("Pass exactly one of --run_dir and --model.")
+        raise usage_error("Pass exactly one of --run_dir and --model.")
     if FLAGS.eps is not None and FLAGS.eps < 0:
-        raise app.UsageError(f"--eps must be >= 0, got {FLAGS.eps}.")
+        raise usage_error(f"--eps must be >= 0, got {FLAGS.eps}.")
     if FLAGS.n_examples < 0 or FLAGS.batch_size < 1:
-        raise app.UsageError("--n_examples must be >= 0 and --batch_size >= 1.")
+        raise usage_error("--n_examples must be >= 0 and --batch_size >= 1.")
     logging.set_verbosity(logging.WARNING)
 
     import tensorflow as tf
@@ -60,7 +61,7 @@ def main(argv):
     try:  # first thing: logical devices and multi-worker runtimes must precede any TF op
         strategy = make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
     except DistributionError as error:
-        raise app.UsageError(str(error)) from None
+        raise usage_error(str(error)) from None
     tf.get_logger().setLevel("ERROR")  # one retrace per BN branch variant is expected here
 
     from arat_tf.data import DatasetNotAvailableError, dataset_spec, make_eval_dataset
@@ -74,14 +75,14 @@ def main(argv):
     model_path = FLAGS.model or os.path.join(FLAGS.run_dir, "model.keras")
     dataset = FLAGS.dataset or config.get("dataset")
     if not dataset:
-        raise app.UsageError("--dataset is required when the run has no config.json.")
+        raise usage_error("--dataset is required when the run has no config.json.")
     eps = FLAGS.eps if FLAGS.eps is not None else config.get("eps", 8 / 255)
     data_dir = FLAGS.data_dir or config.get("data_dir") or None
     try:
         spec = dataset_spec(dataset)
         attacks = resolve_attacks(FLAGS.attacks, spec.num_classes, FLAGS.norm)
     except ValueError as error:
-        raise app.UsageError(str(error)) from None
+        raise usage_error(str(error)) from None
     with strategy.scope():  # mirrored variables: every replica reads its local copy
         classifier = load_classifier(model_path)
     if tuple(classifier.image_shape) != tuple(spec.image_shape):

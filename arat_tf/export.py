@@ -11,6 +11,7 @@ import os
 
 from absl import app, flags, logging
 
+from arat_tf.cli import usage_error
 from arat_tf.run_files import load_classifier, read_json_object
 
 flags.DEFINE_string("run_dir", None, "Run directory of `python -m arat_tf.train` (model.keras, "
@@ -27,11 +28,11 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        raise usage_error(f"Unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.run_dir and not FLAGS.model:
-        raise app.UsageError("Give --run_dir (or --model and --export_dir).")
+        raise usage_error("Give --run_dir (or --model and --export_dir).")
     if not FLAGS.run_dir and not FLAGS.export_dir:
-        raise app.UsageError("--export_dir is required without --run_dir.")
+        raise usage_error("--export_dir is required without --run_dir.")
     run_dir = FLAGS.run_dir
     if run_dir and not os.path.isdir(run_dir):
         raise SystemExit(f"error: run directory not found: {run_dir}")

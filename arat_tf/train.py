@@ -10,6 +10,7 @@ import os
 from absl import app, flags, logging
 
 from arat_tf import flags as arat_flags
+from arat_tf.cli import usage_error
 from arat_tf.flags import config_from_flags, define_train_flags
 
 define_train_flags()
@@ -19,22 +20,23 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        raise usage_error(f"Unexpected arguments: {' '.join(argv[1:])}")
     try:
         config = config_from_flags(FLAGS)
     except ValueError as error:
-        raise app.UsageError(str(error)) from None
+        raise usage_error(str(error)) from None
 
     logging.set_verbosity(logging.WARNING)  # TF/TFDS info lines would break the progress bar.
     from arat_tf import training
     from arat_tf.callbacks import CheckpointError, NonFiniteLossError
     from arat_tf.data import DatasetNotAvailableError
     from arat_tf.distribution import DistributionError
+    from arat_tf.warm_start import WarmStartError
 
     try:
         _, records = training.train(config)
     except (training.RunDirectoryError, CheckpointError, NonFiniteLossError,
-            DatasetNotAvailableError, DistributionError) as error:
+            DatasetNotAvailableError, DistributionError, WarmStartError) as error:
         raise SystemExit(f"error: {error}") from None
     if records:
         last = records[-1]

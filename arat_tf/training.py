@@ -18,6 +18,8 @@ but saves its checkpoints and model (saving takes part in collective ops) to a p
 directory, deleted at the end.
 """
 
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -38,6 +40,7 @@ from arat_tf.models import build_model
 from arat_tf.optimizers import CoupledWeightDecaySGD
 from arat_tf.schedules import make_learning_rate_schedule
 from arat_tf.swa import StochasticWeightAveraging, WeightAverage, finalize_weight_average
+from arat_tf.warm_start import PREDICTOR_HEADS_FILE, save_predictor_heads, warm_start
 
 
 class RunDirectoryError(RuntimeError):
@@ -49,7 +52,7 @@ def build_classifier(config, spec):
     return build_model(
         config.model, num_classes=spec.num_classes, image_shape=spec.image_shape,
         bn_mode=config.bn_mode, synchronized_bn=config.synchronized_bn,
-        depth=config.depth or None, width=config.width,
+        depth=config.depth or None, width=config.width, conv_padding=config.conv_padding,
     )
 
 
@@ -85,10 +88,22 @@ def build_trainer(config, classifier):
     return trainer_class(classifier, **common)
 
 
+def fixed_training_probe(config):
+    """The first `--auto_balance_examples` images of the training split, unaugmented, batched."""
+    return make_eval_dataset(
+        config.dataset, batch_size=config.eval_batch_size, data_dir=config.data_dir or None,
+        split=config.train_split, subset=config.auto_balance_examples, download=config.download,
+    )
+
+
 def build_datasets(config, spec, replicas=1):
     """`(train, validation, auto-balance probe, steps_per_epoch)` datasets of a resolved config.
 
-    With several `replicas`, validation keeps full batches only (`full_batches_for_replicas`).
+    The probe is what ARAT's CE auto-balance measures each epoch (`--auto_balance_sample`):
+    "fresh" takes the first ceil(N / batch) batches of the training pipeline, which reshuffles
+    and re-augments on every pass (the authors' code iterates its training loader until N images,
+    1,024 at batch 128); "fixed" is `fixed_training_probe`. With several `replicas`, validation
+    keeps full batches only (`full_batches_for_replicas`).
     """
     data_dir = config.data_dir or None
     train = make_train_dataset(
@@ -106,10 +121,10 @@ def build_datasets(config, spec, replicas=1):
         config.dataset, batch_size=config.eval_batch_size, data_dir=data_dir,
         split=config.val_split, subset=config.val_subset or None, download=config.download,
     )
-    probe = make_eval_dataset(
-        config.dataset, batch_size=config.eval_batch_size, data_dir=data_dir,
-        split=config.train_split, subset=config.auto_balance_examples, download=config.download,
-    )
+    if config.auto_balance_sample == "fresh":
+        probe = train.take(math.ceil(config.auto_balance_examples / config.batch_size))
+    else:
+        probe = fixed_training_probe(config)
     if replicas > 1:
         validation, kept = full_batches_for_replicas(validation, config.eval_batch_size, replicas)
         print(f"Validation on {kept} examples (full batches, split over {replicas} replicas).")
@@ -197,7 +212,8 @@ def _work_around_keras_multi_worker(trainer):
 
 
 def _check_run_dir(config, checkpoint_dir):
-    """Refuses to overwrite a previous run, and to resume one whose checkpoint index is gone."""
+    """Refuses to overwrite a previous run, to resume one whose checkpoint index is gone, and to
+    resume one written by arat_tf 0.1 (whose networks pad and normalise differently)."""
     leftovers = os.path.isdir(checkpoint_dir) and bool(os.listdir(checkpoint_dir))
     leftovers = leftovers or os.path.exists(os.path.join(config.run_dir, "metrics.json"))
     has_checkpoint = tf.train.latest_checkpoint(checkpoint_dir) is not None
@@ -211,6 +227,26 @@ def _check_run_dir(config, checkpoint_dir):
             f"--resume: {config.run_dir} holds a previous run but {checkpoint_dir} has no readable "
             f"checkpoint index (the 'checkpoint' file is missing or corrupt). Nothing was changed."
         )
+    previous = _read_previous_config(config.run_dir) if leftovers else {}
+    if previous and "conv_padding" not in previous:
+        raise run_callbacks.CheckpointError(
+            f"--resume: {config.run_dir} was trained by arat_tf 0.1, whose strided convolutions "
+            f"padded as TensorFlow's 'same' and whose predictor heads kept Keras' BatchNorm; its "
+            f"checkpoints do not fit this version's trainer. Nothing was changed: start a new run "
+            f"from its weights with --init_from={os.path.join(config.run_dir, 'model.keras')} "
+            f"--conv_padding=tf_same, or finish it with arat_tf 0.1."
+        )
+
+
+def _read_previous_config(run_dir):
+    """The `config.json` of a previous run in `run_dir` ({} if there is none or it is unreadable)."""
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as stream:
+            value = json.load(stream)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def train(config, strategy=None):
@@ -278,6 +314,12 @@ def _train(config, strategy, chief, private_dir):
         save_directory=None if chief else os.path.join(private_dir, "checkpoints"), **extra_state
     )
     first_epoch = checkpoint.restore() if config.resume else 0
+    if config.init_from and first_epoch == 0:
+        predictors = getattr(trainer, "predictors", None)
+        for note in warm_start(classifier, config.init_from, predictors):
+            print(f"--init_from: {note}.")
+    elif config.init_from:
+        print(f"--init_from ignored: resuming from the checkpoint of epoch {first_epoch}.")
     if first_epoch >= config.epochs:
         logging.info("All %d epochs already trained in %s.", config.epochs, run_dir)
     if chief:
@@ -308,7 +350,7 @@ def _train(config, strategy, chief, private_dir):
         )
     if config.analyze_every_steps:
         callbacks.append(AnalysisCallback(
-            trainer, next(iter(probe_data)), config.analyze_every_steps,
+            trainer, next(iter(fixed_training_probe(config))), config.analyze_every_steps,
             os.path.join(run_dir, "analysis"), write=chief,
         ))
     callbacks.append(checkpoint)
@@ -327,5 +369,8 @@ def _train(config, strategy, chief, private_dir):
               "trained weights.")
     # Reading the on-read BN statistics is a collective op under MultiWorkerMirroredStrategy, so
     # every worker saves; only the chief's copy is kept.
-    atomic_save_model(classifier, os.path.join(run_dir if chief else private_dir, "model.keras"))
+    output_dir = run_dir if chief else private_dir
+    atomic_save_model(classifier, os.path.join(output_dir, "model.keras"))
+    if getattr(trainer, "predictors", None):
+        save_predictor_heads(trainer.predictors, os.path.join(output_dir, PREDICTOR_HEADS_FILE))
     return classifier, metrics_writer.records

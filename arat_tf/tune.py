@@ -49,6 +49,7 @@ import os
 from absl import app, flags, logging
 
 from arat_tf import flags as arat_flags
+from arat_tf.cli import usage_error
 from arat_tf.flags import config_from_flags, define_train_flags
 
 define_train_flags()
@@ -120,9 +121,9 @@ def _make_strategy(config):
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        raise usage_error(f"Unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.tune_eps_schedule:
-        raise app.UsageError("--tune_eps_schedule is not implemented: TrainConfig has no eps "
+        raise usage_error("--tune_eps_schedule is not implemented: TrainConfig has no eps "
                              "schedule (only a constant --eps).")
     from arat_tf.tuning.hypermodel import check_tuning_splits
 
@@ -131,7 +132,7 @@ def main(argv):
         check_tuning_splits(config)
         space = search_space_from_flags(FLAGS)
     except ValueError as error:
-        raise app.UsageError(str(error)) from None
+        raise usage_error(str(error)) from None
 
     logging.set_verbosity(logging.WARNING)
     from arat_tf.data import DatasetNotAvailableError

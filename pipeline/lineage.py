@@ -17,6 +17,7 @@ import json
 
 from absl import app, flags
 
+from arat_tf.cli import usage_error
 from pipeline.artifacts import MODEL, PUSHED_MODEL
 
 flags.DEFINE_string("metadata_db", None, "The pipeline's metadata store.", required=True)
@@ -94,7 +95,7 @@ def find_artifact(store, reference):
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        raise usage_error(f"Unexpected arguments: {' '.join(argv[1:])}")
     from pipeline.metadata import MetadataStore, MetadataStoreError
 
     try:

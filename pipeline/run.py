@@ -21,6 +21,7 @@ import time
 from absl import app, flags, logging
 
 import arat_tf.tune  # noqa: F401  (defines the training and search flags, with the tuning splits)
+from arat_tf.cli import usage_error
 from arat_tf.flags import config_from_flags
 
 flags.DEFINE_string("pipeline_name", "arat", "Pipeline name (recorded with each run).")
@@ -87,7 +88,7 @@ def check_data_dir(config):
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        raise usage_error(f"Unexpected arguments: {' '.join(argv[1:])}")
     from arat_tf.tuning.hypermodel import TestSplitError, check_tuning_splits
 
     try:
@@ -95,9 +96,9 @@ def main(argv):
         check_tuning_splits(config)
         options = _options(config)
     except TestSplitError as error:
-        raise app.UsageError(f"The test split is the Evaluator's: {error}") from None
+        raise usage_error(f"The test split is the Evaluator's: {error}") from None
     except ValueError as error:
-        raise app.UsageError(str(error)) from None
+        raise usage_error(str(error)) from None
     check_data_dir(config)
     logging.set_verbosity(logging.WARNING)
 
@@ -108,7 +109,7 @@ def main(argv):
         resolve_attacks(options.eval_attacks, dataset_spec(config.dataset).num_classes,
                         config.attack_norm)
     except ValueError as error:
-        raise app.UsageError(f"--eval_attacks: {error}") from None
+        raise usage_error(f"--eval_attacks: {error}") from None
 
     from pipeline.definition import build_components
     from pipeline.metadata import MetadataStore, MetadataStoreError
@@ -136,7 +137,7 @@ def main(argv):
     try:
         runner = PipelineRunner(options.name, options.root, components, store, force=force)
     except ValueError as error:
-        raise app.UsageError(str(error)) from None
+        raise usage_error(str(error)) from None
     try:
         result = runner.run(flags_text=FLAGS.flags_into_string())
     except PipelineError as error:

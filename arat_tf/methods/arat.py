@@ -13,6 +13,22 @@ from arat_tf.methods.adversarial_trainer import (
 INVARIANCE_DISTANCES = ("cos", "mse")
 
 
+def build_predictors(classifier, hidden_ratio=0.25):
+    """One built `Predictor` per feature tap of `classifier`: `{tap name: Predictor}`.
+
+    Each head is sized to its tap and named `predictor_<tap>`; its BN is synchronised across
+    replicas when the classifier's is.
+    """
+    _, taps = classifier(tf.zeros((2,) + classifier.image_shape), training=False, return_taps=True)
+    predictors = {}
+    for name in classifier.tap_names:
+        predictor = Predictor(hidden_ratio, synchronized=classifier.synchronized_bn,
+                              name=f"predictor_{name.replace('.', '_')}")
+        predictor.build((None, taps[name].shape[-1]))
+        predictors[name] = predictor
+    return predictors
+
+
 def cosine_similarity(a, b, epsilon=1e-8):
     """PyTorch's `F.cosine_similarity`: `a.b / max(|a| |b|, epsilon)`, per row."""
     norms = tf.maximum(tf.norm(a, axis=-1) * tf.norm(b, axis=-1), epsilon)
@@ -87,18 +103,8 @@ class AratTrainer(AdversarialTrainer):
             aggregation="only_first_replica",
         )
         self.tap_names = list(classifier.tap_names)
-        self.predictors = {}
-        if self.use_predictor:
-            _, taps = classifier(
-                tf.zeros((2,) + classifier.image_shape), training=False, return_taps=True
-            )
-            for name in self.tap_names:
-                predictor = Predictor(
-                    predictor_hidden_ratio, synchronized=classifier.synchronized_bn,
-                    name=f"predictor_{name.replace('.', '_')}",
-                )
-                predictor.build((None, taps[name].shape[-1]))
-                self.predictors[name] = predictor
+        self.predictors = (build_predictors(classifier, predictor_hidden_ratio)
+                           if self.use_predictor else {})
 
     def compute_losses(self, images, adversarial_images, labels):
         adv_logits, clean_logits, adv_taps, clean_taps = forward_adversarial_and_clean(
