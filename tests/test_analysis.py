@@ -44,6 +44,7 @@ from arat_tf.attacks import AttackConfig
 from arat_tf.evaluation.branches import split_layers
 from arat_tf.methods import AratTrainer, HybridTrainer, PgdAtTrainer, TradesTrainer
 from arat_tf.models import build_model
+from near_ties import correct_count_range
 
 # The package exports the function `dual_bn_study`, which hides the module of the same name.
 dual_bn_module = sys.modules["arat_tf.analysis.dual_bn_study"]
@@ -301,13 +302,16 @@ def test_swapping_twice_restores_the_logits_exactly_and_once_exchanges_the_branc
         np.testing.assert_array_equal(classifier(images, training=False, branch="adv").numpy(), clean)
 
 
-def branch_accuracy(classifier, dataset, branch):
-    correct = total = 0
+def branch_accuracy_range(classifier, dataset, branch):
+    """The plain branch's accuracy as `(lowest, highest)`, run eagerly: the study runs it as a
+    `tf.function`, whose fused kernels round differently, so an example within round-off of a
+    tie may go either way (the range is one number otherwise)."""
+    fewest = most = total = 0
     for images, labels in dataset:
-        predictions = np.argmax(classifier(images, training=False, branch=branch).numpy(), axis=-1)
-        correct += int((predictions == labels.numpy()).sum())
-        total += len(predictions)
-    return correct / total
+        low, high = correct_count_range(classifier(images, training=False, branch=branch).numpy(),
+                                        labels.numpy())
+        fewest, most, total = fewest + low, most + high, total + len(labels)
+    return fewest / total, most / total
 
 
 def test_dual_bn_study_diagonal_is_the_plain_branches_and_restores_the_model():
@@ -319,8 +323,9 @@ def test_dual_bn_study_diagonal_is_the_plain_branches_and_restores_the_model():
     study = dual_bn_study(classifier, dataset)
     accuracy = {(r["statistics"], r["affine"]): r["clean_accuracy"] for r in study["combinations"]}
     assert set(accuracy) == {(s, a) for s in ("clean", "adv") for a in ("clean", "adv")}
-    assert accuracy[("adv", "adv")] == branch_accuracy(classifier, dataset, "adv")
-    assert accuracy[("clean", "clean")] == branch_accuracy(classifier, dataset, "clean")
+    for branch in ("adv", "clean"):
+        lowest, highest = branch_accuracy_range(classifier, dataset, branch)
+        assert lowest <= accuracy[(branch, branch)] <= highest, (branch, accuracy, lowest, highest)
     for old, new in zip(before, values(classifier.variables)):
         np.testing.assert_array_equal(old, new)
 

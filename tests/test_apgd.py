@@ -11,6 +11,7 @@ import tensorflow as tf
 from arat_tf.attacks import make_forward, pgd_linf
 from arat_tf.attacks.apgd import _halve_step, apgd, apgd_checkpoints, apgd_targeted
 from arat_tf.attacks.dlr import dlr_loss, targeted_dlr_loss
+from near_ties import assert_misclassified_flags
 
 SHAPE = (8, 8, 1)
 NUM_CLASSES = 10
@@ -65,7 +66,9 @@ def _assert_valid(forward, x_adv, success, x, y, eps, norm):
         assert np.linalg.norm(delta, axis=1).max() <= eps + 1e-5
     success = np.asarray(success)
     assert success.dtype == bool and success.shape == (len(x),)
-    np.testing.assert_array_equal(success, _predictions(forward, x_adv) != np.asarray(y))
+    # `success` is APGD's re-check in its compiled graph, this one runs `forward` eagerly: they
+    # agree wherever the point is not within round-off of the decision boundary.
+    assert_misclassified_flags(success, np.asarray(forward(x_adv)), y)
 
 
 # DLR losses.

@@ -36,6 +36,7 @@ from arat_tf.evaluation import attack_suite, sanity
 from arat_tf.evaluation.attack_suite import square_attack
 from arat_tf.layers import SplitBatchNormalization
 from arat_tf.models import build_model
+from near_ties import assert_misclassified_flags, correct_count_range
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (8, 8, 3)
@@ -77,6 +78,13 @@ def _predictions(forward, x):
 
 def _accuracy(forward, x, y):
     return float(np.mean(_predictions(forward, x) == np.asarray(y)))
+
+
+def _batched_predictions(forward, x, batch_size=BATCH):
+    """Predictions computed batch by batch as `Trained.dataset` batches them, i.e. with the very
+    shapes `evaluate_robustness` sees (another batch shape may round differently)."""
+    return np.concatenate([_predictions(forward, x[start:start + batch_size])
+                           for start in range(0, len(x), batch_size)])
 
 
 def _recording(attack, calls):
@@ -121,7 +129,7 @@ def test_attack_breaks_trained_model_at_large_eps_inside_the_ball(trained, name)
     report = evaluate_robustness(trained.forward, trained.dataset(), [attack], eps=LARGE_EPS,
                                  progress=False)
 
-    clean_correct = _predictions(trained.forward, trained.x) == trained.y
+    clean_correct = _batched_predictions(trained.forward, trained.x) == trained.y
     assert report["n_examples"] == N_TEST
     assert report["clean_accuracy"] == pytest.approx(clean_correct.mean())
     assert report["robust_accuracy"] <= 0.05
@@ -143,8 +151,12 @@ def test_attack_breaks_trained_model_at_large_eps_inside_the_ball(trained, name)
         assert x_adv.shape == x.shape
         assert np.abs(x_adv - x).max() <= LARGE_EPS + 1e-6
         assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
-        wrong = _predictions(trained.forward, x_adv) != labels
-        np.testing.assert_array_equal(success, wrong)  # the attack's success flags are honest
+        # The attack's success flags are honest. They come from its compiled graph, while the
+        # evaluator (and `wrong`) runs `forward` eagerly: FAB's minimum-norm points sit at the
+        # decision boundary (one at a margin of 6e-6 here), where those two may round apart.
+        logits = np.asarray(trained.forward(tf.constant(x_adv)))
+        assert_misclassified_flags(success, logits, labels)
+        wrong = np.argmax(logits, axis=-1) != labels  # the evaluator's very computation
         broken += int(wrong.sum())
     assert result["examples_broken"] == broken
     assert report["robust_accuracy"] == pytest.approx((clean_correct.sum() - broken) / N_TEST)
@@ -166,7 +178,7 @@ def test_suite_at_moderate_eps_bookkeeping(trained):
 
     n = report["n_examples"]
     assert n == N_TEST
-    clean_correct = _predictions(trained.forward, trained.x) == y
+    clean_correct = _batched_predictions(trained.forward, trained.x) == y
     n_clean = int(clean_correct.sum())
     assert report["clean_accuracy"] == pytest.approx(n_clean / n) and n_clean <= N_TEST - 2
     results = report["attacks"]
@@ -624,9 +636,12 @@ def _make_run_dir(tmp_path, model_file, data_dir, **config):
     return run_dir
 
 
-def _clean_accuracy(model, images, labels, branch):
-    return float(np.mean(np.argmax(model(images, training=False, branch=branch).numpy(), -1)
-                         == labels))
+def _clean_accuracy_range(model, images, labels, branch):
+    """The clean accuracy of `branch`, as `(lowest, highest)`: the CLI computes it in another
+    process, as a graph, so an example within round-off of a tie may go either way."""
+    fewest, most = correct_count_range(model(images, training=False, branch=branch).numpy(),
+                                       labels)
+    return fewest / len(labels), most / len(labels)
 
 
 def test_cli_end_to_end(tmp_path, cifar_model_file, shared_tfds_dir):
@@ -660,18 +675,20 @@ def test_cli_end_to_end(tmp_path, cifar_model_file, shared_tfds_dir):
                                                  subset=32)))
     labels = labels.numpy()
     model = keras.models.load_model(run_dir / "model.keras")
-    expected = [_clean_accuracy(model, images, labels, "adv"),
-                _clean_accuracy(model, images, labels, "clean")]
+    expected = [_clean_accuracy_range(model, images, labels, "adv"),
+                _clean_accuracy_range(model, images, labels, "clean")]
     originals = {b: [v.numpy() for layer in _split_bn_layers(model) for v in layer.affine_parameters(b)]
                  for b in ("adv", "clean")}
     for branch, other in (("adv", "clean"), ("clean", "adv")):
         variables = [v for layer in _split_bn_layers(model) for v in layer.affine_parameters(branch)]
         for variable, value in zip(variables, originals[other]):
             variable.assign(value)
-        expected.append(_clean_accuracy(model, images, labels, branch))
+        expected.append(_clean_accuracy_range(model, images, labels, branch))
         for variable, value in zip(variables, originals[branch]):
             variable.assign(value)
-    assert [v["clean_accuracy"] for v in variants] == pytest.approx(expected)
+    # Exact unless an example is within round-off of a tie (then either way).
+    for variant, (lowest, highest) in zip(variants, expected):
+        assert lowest - 1e-9 <= variant["clean_accuracy"] <= highest + 1e-9, (variant, expected)
 
 
 @pytest.mark.slow

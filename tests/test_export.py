@@ -27,6 +27,7 @@ from arat_tf import serving
 from arat_tf.config import TrainConfig
 from arat_tf.flags import config_as_dict
 from arat_tf.models import build_model
+from near_ties import assert_predicted_classes
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SHAPE = (32, 32, 3)
@@ -166,7 +167,9 @@ def test_saved_model_cli_run_predicts_the_keras_class(exported):
     match = re.search(r"Result for output key class_id:\s*\[([0-9\s]+)\]", result.stdout)
     assert match, result.stdout
     class_ids = [int(c) for c in match.group(1).split()]
-    assert class_ids == np.argmax(exported["logits"]["adv"], axis=-1).tolist()
+    # The served graph (another process, fused kernels) rounds differently from eager Keras: the
+    # class must be Keras' argmax, or tie with it within round-off.
+    assert_predicted_classes(class_ids, exported["logits"]["adv"])
 
 
 RELOAD_SCRIPT = textwrap.dedent("""
@@ -221,14 +224,14 @@ def test_reload_without_arat_tf_matches_keras_inference(exported, tmp_path):
             outputs[f"{branch}_probabilities"], tf.nn.softmax(expected).numpy(), atol=1e-6
         )
         assert outputs[f"{branch}_class_id"].dtype == np.int64
-        assert outputs[f"{branch}_class_id"].tolist() == np.argmax(expected, -1).tolist()
+        # Keras' argmax, up to ties within round-off (another process and graph, other kernels).
+        assert_predicted_classes(outputs[f"{branch}_class_id"], expected)
         # The uint8 signature is the float one on uint8 / 255 (up to float rounding: the graph
         # optimiser may fold the scaling into the first convolution).
         for key in ("logits", "probabilities"):
             np.testing.assert_allclose(outputs[f"{branch}_uint8_{key}"],
                                        outputs[f"{branch}_{key}"], atol=1e-6, rtol=0)
-        np.testing.assert_array_equal(outputs[f"{branch}_uint8_class_id"],
-                                      outputs[f"{branch}_class_id"])
+        assert_predicted_classes(outputs[f"{branch}_uint8_class_id"], outputs[f"{branch}_logits"])
     # The exports differ exactly where the keras branches do.
     assert not np.allclose(outputs["adv_logits"], outputs["clean_logits"], atol=1e-3)
 
