@@ -830,8 +830,10 @@ def test_training_bn_is_accurate_on_an_offset_batch(compiled):
     np.testing.assert_allclose(outputs, _np_normalize(x, mean, var, gamma.numpy(), 0.0),
                                rtol=0, atol=1e-5)
     expected = _np_batch_norm_gradients(x, gamma.numpy(), upstream)
+    # dgamma and dbeta are sums over the 32,768 values of a channel, whichever kernel computes
+    # them (measured: 2e-5 and 1e-7 with oneDNN, 1.7e-6 for dbeta with TF's own Eigen kernel).
     for name, actual, reference, bound in zip(("dx", "dgamma", "dbeta"), (dx, dgamma, dbeta),
-                                              expected, (1e-6, 1e-4, 1e-6)):
+                                              expected, (1e-6, 1e-4, 1e-5)):
         relative = np.linalg.norm(np.asarray(actual, np.float64) - reference) / np.linalg.norm(reference)
         assert relative < bound, (name, relative)
     moving_mean, moving_variance = layer.moving_statistics("adv")

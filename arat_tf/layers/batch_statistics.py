@@ -7,6 +7,7 @@ authors' framework): the moving variance is updated with the *unbiased* batch va
 """
 
 import contextlib
+import functools
 import threading
 
 import keras
@@ -153,30 +154,67 @@ def unbiased(variance, count):
     return variance * count / tf.maximum(count - 1.0, 1.0)
 
 
-def _normalize_with_own_statistics(inputs, gamma, beta, epsilon):
-    """Training-mode BN of an unsynchronised batch, with a hand-written backward pass.
+@functools.lru_cache(maxsize=None)
+def _cpu_only():
+    """Whether this process sees no GPU (then every op runs on the CPU)."""
+    return not tf.config.list_physical_devices("GPU")
 
-    Returns `(outputs, mean, biased_variance)`. The backward pass is the closed form of
+
+def _fused_kernels_apply(inputs):
+    """Whether the accurate statistics can be handed to TensorFlow's fused NHWC kernels.
+
+    `FusedBatchNormGradV3` in training mode takes the batch mean and the saved variance of the
+    forward pass: the variance itself on CPU (TensorFlow's and oneDNN's kernels, and XLA on CPU),
+    but the inverse standard deviation cuDNN saves on GPU. The fast path is therefore taken only
+    in a process without a GPU, where its meaning is certain; elsewhere the closed form is used.
+    """
+    return inputs.shape.rank == 4 and _cpu_only()
+
+
+def _normalize_with_own_statistics(inputs, gamma, beta, epsilon):
+    """Training-mode BN of an unsynchronised batch, with accurate statistics and a matching
+    backward pass.
+
+    Returns `(outputs, mean, biased_variance)`. The batch mean and variance are `channel_sum`s.
+    On a CPU-only host a 4-D batch is then normalised by TensorFlow's fused kernel in inference
+    mode with those statistics, and differentiated by its training-mode gradient kernel given
+    the same statistics (one op each way, as fast as the fused training kernel, whose own
+    statistics are the inaccurate part). Otherwise the backward pass is the closed form of
     batch-norm's gradient, `dx = gamma / sigma * (dy - mean(dy) - xhat * mean(dy * xhat))`, with
-    both means taken by `channel_sum`: autodiff of the forward would sum again over the
-    broadcast axes in a single level, and TensorFlow's fused kernel is the inaccurate one
-    `channel_sum` replaces. The statistics outputs carry no gradient (they only feed the moving
-    averages).
+    both means taken by `channel_sum` (autodiff of the forward would sum again over the
+    broadcast axes in a single level). The statistics outputs carry no gradient (they only feed
+    the moving averages).
     """
     gamma = tf.convert_to_tensor(gamma)
     beta = tf.convert_to_tensor(beta)
     count = element_count(inputs)
+    fused = _fused_kernels_apply(inputs)
 
     @tf.custom_gradient
     def normalize_batch(x, scale, offset):
         mean = channel_sum(x) / count
         centered = x - mean
         variance = channel_sum(tf.square(centered)) / count
+        if fused:
+            outputs = tf.raw_ops.FusedBatchNormV3(
+                x=x, scale=scale, offset=offset, mean=mean, variance=variance, epsilon=epsilon,
+                is_training=False, data_format="NHWC")[0]
+
+            def gradient(upstream, unused_mean_upstream, unused_variance_upstream):
+                input_gradient, scale_gradient, offset_gradient, _, _ = (
+                    tf.raw_ops.FusedBatchNormGradV3(
+                        y_backprop=upstream, x=x, scale=scale, reserve_space_1=mean,
+                        reserve_space_2=variance, reserve_space_3=tf.zeros([0]),
+                        epsilon=epsilon, data_format="NHWC", is_training=True))
+                return input_gradient, scale_gradient, offset_gradient
+
+            return (outputs, tf.identity(mean), tf.identity(variance)), gradient
+
         inverse_std = tf.math.rsqrt(variance + epsilon)
         normalized = centered * inverse_std
         outputs = normalized * scale + offset
 
-        def gradient(upstream, unused_mean_upstream, unused_variance_upstream):
+        def closed_form_gradient(upstream, unused_mean_upstream, unused_variance_upstream):
             offset_gradient = channel_sum(upstream)
             scale_gradient = channel_sum(upstream * normalized)
             input_gradient = (scale * inverse_std) * (
@@ -184,7 +222,7 @@ def _normalize_with_own_statistics(inputs, gamma, beta, epsilon):
             )
             return input_gradient, scale_gradient, offset_gradient
 
-        return (outputs, tf.identity(mean), tf.identity(variance)), gradient
+        return (outputs, tf.identity(mean), tf.identity(variance)), closed_form_gradient
 
     outputs, mean, variance = normalize_batch(inputs, gamma, beta)
     return outputs, tf.stop_gradient(mean), tf.stop_gradient(variance)
