@@ -26,8 +26,8 @@ class WarmStartError(ValueError):
 
 
 def predictor_head_arrays(predictors):
-    """`{"<tap>/<variable path>": numpy array}` of every predictor head variable."""
-    return {f"{tap}/{variable.path}": np.asarray(variable)
+    """`{"<tap>/<variable path within its head>": numpy array}` of every predictor head variable."""
+    return {f"{tap}/{_relative_path(variable)}": np.asarray(variable)
             for tap, head in predictors.items() for variable in head.weights}
 
 
@@ -49,7 +49,7 @@ def load_predictor_heads(predictors, path):
             arrays = {key: stored[key] for key in stored.files}
     except (OSError, ValueError) as error:
         raise WarmStartError(f"cannot read the predictor heads {path}: {error}") from None
-    targets = {f"{tap}/{variable.path}": variable
+    targets = {f"{tap}/{_relative_path(variable)}": variable
                for tap, head in predictors.items() for variable in head.weights}
     if set(arrays) != set(targets):
         different = sorted(set(arrays) ^ set(targets))
@@ -72,6 +72,11 @@ def _comparable_config(model):
     for key in _IGNORED_CONFIG_KEYS:
         config.pop(key, None)
     return config
+
+
+def _relative_path(variable):
+    """A variable's path below its model (the model's own name differs between instances)."""
+    return variable.path.split("/", 1)[-1]
 
 
 def source_model_path(init_from):
@@ -118,7 +123,7 @@ def warm_start(classifier, init_from, predictors=None):
             f"{found.get(key)!r}; this run builds a {type(classifier).__name__} with {key}="
             f"{wanted.get(key)!r}. Pass the flags that build the saved architecture."
         )
-    if [v.path for v in classifier.weights] != [v.path for v in source.weights]:
+    if [_relative_path(v) for v in classifier.weights] != [_relative_path(v) for v in source.weights]:
         raise WarmStartError(f"--init_from: the variables of {model_path} do not match this "
                              f"run's classifier one for one.")
     for target, value in zip(classifier.weights, source.weights):

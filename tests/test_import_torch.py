@@ -89,7 +89,8 @@ def _small_model(name="resnet", **kwargs):
 def test_a_checkpoint_in_the_authors_layout_converts_to_the_same_network(tmp_path, name, kwargs):
     source = _small_model(name, **kwargs)
     path = tmp_path / "model.pt"
-    write_torch_zip(path, {f"module.{k}": v for k, v in official_state_dict(source).items()})
+    # As saved from DataParallel around the authors' feature-extractor wrapper.
+    write_torch_zip(path, {f"module.model.{k}": v for k, v in official_state_dict(source).items()})
     from arat_tf.interop.torch_checkpoint import read_state_dict
 
     converted, architecture = classifier_from_state_dict(read_state_dict(path))

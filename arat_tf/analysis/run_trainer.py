@@ -4,13 +4,15 @@ The analyses need more than `model.keras`: gradient conflict differentiates the 
 terms, so it needs the trainer (the method, its weights, its training attack) and, for ARAT, the
 trained predictor heads and CE weights, which live only in the training checkpoints (the exported
 model drops them). So the trainer is rebuilt from `config.json` exactly as `arat_tf.train` built
-it, the newest checkpoint restored into it, and then the classifier's weights set from
+it, the newest checkpoint restored into it (or, in a directory of `arat_tf.import_torch`, the
+predictor heads of `predictor_heads.npz`), and then the classifier's weights set from
 `model.keras`, which is the model that was reported (it differs from the last checkpoint after SWA).
 Problems with the run directory end the command with `error: ...` (see `arat_tf.run_files`).
 """
 
 import os
 
+from arat_tf.models.branched_classifier import LEGACY_CONV_PADDING
 from arat_tf.run_files import load_classifier, read_json_object
 
 
@@ -24,6 +26,8 @@ def _config_from_run(run_dir):
             f"error: {path} not found: --run_dir must be a run directory written by arat_tf.train."
         )
     known = {field.name for field in config_fields()}
+    if "conv_padding" not in values:  # a run of arat_tf 0.1: its model.keras pads as TF's "same"
+        values = dict(values, conv_padding=LEGACY_CONV_PADDING)
     try:
         return TrainConfig(**{k: v for k, v in values.items() if k in known}).resolve()
     except (TypeError, ValueError) as error:
@@ -48,6 +52,7 @@ def load_run_trainer(run_dir):
     from arat_tf.callbacks import CheckpointError, EpochCheckpoint
     from arat_tf.data import dataset_spec
     from arat_tf.training import build_classifier, build_trainer, compile_trainer
+    from arat_tf.warm_start import PREDICTOR_HEADS_FILE, load_predictor_heads
 
     classifier = build_classifier(config, dataset_spec(config.dataset))
     trainer = build_trainer(config, classifier)
@@ -59,7 +64,12 @@ def load_run_trainer(run_dir):
     except CheckpointError as error:
         epochs = 0
         notes.append(f"checkpoint not restored ({error})")
-    if epochs == 0:
+    heads = os.path.join(run_dir, PREDICTOR_HEADS_FILE)
+    if epochs == 0 and getattr(trainer, "predictors", None) and os.path.isfile(heads):
+        load_predictor_heads(trainer.predictors, heads)
+        notes.append(f"no training checkpoint: predictor heads from {PREDICTOR_HEADS_FILE}, CE "
+                     f"weights the configured ones")
+    elif epochs == 0:
         notes.append("no training checkpoint: predictor heads are untrained and the CE weights are "
                      "the configured ones; gradient conflict of ARAT with a predictor is not "
                      "the trained model's")

@@ -3,7 +3,8 @@
 The authors' `save_checkpoint` writes the `state_dict()` of their split-BN CIFAR ResNet-18
 (`cifar_resnet18_split_bn`) or WRN-34-10 (`cifar_wrn_34_10_split_bn`): keys without a prefix
 (`conv1.weight`, `layer2.0.shortcut_bn.adv.running_var`, `block3.layer.0.convShortcut.weight`,
-...), or with DataParallel's `module.` prefix when saved from a multi-GPU run. Every BatchNorm
+...), or with DataParallel's `module.` prefix when saved from a multi-GPU run (or the
+`model.` prefix of their feature-extractor wrapper). Every BatchNorm
 exists once per branch (`<site>.clean.*` / `<site>.adv.*`; older runs name them `base` /
 `base_adv`), convolution and linear weights are shared. Their predictor heads are saved apart
 (`<tap>.predictor_x.<i>.*`, one head per aligned layer).
@@ -27,7 +28,7 @@ from arat_tf.models import ResNet, WideResNet, build_model
 BRANCH_NAME_PAIRS = (("clean", "adv"), ("base", "base_adv"))
 BN_FIELDS = (("weight", "gamma"), ("bias", "beta"), ("running_mean", "moving_mean"),
              ("running_var", "moving_variance"))
-DATA_PARALLEL_PREFIX = "module."
+WRAPPER_PREFIXES = ("module.", "model.")
 SKIPPED_SUFFIX = ".num_batches_tracked"
 RESNET_DEPTHS = {(1, 1, 1, 1): 10, (2, 2, 2, 2): 18, (3, 4, 6, 3): 34}
 
@@ -52,12 +53,16 @@ def _transpose(array):
     return np.transpose(array)
 
 
-def strip_data_parallel_prefix(state_dict):
-    """The state dict with DataParallel's `module.` prefix removed (if every key has it)."""
-    if state_dict and all(key.startswith(DATA_PARALLEL_PREFIX) for key in state_dict):
-        return collections.OrderedDict(
-            (key[len(DATA_PARALLEL_PREFIX):], value) for key, value in state_dict.items())
-    return collections.OrderedDict(state_dict)
+def strip_wrapper_prefixes(state_dict):
+    """The state dict without DataParallel's `module.` prefix and the authors' feature-extractor
+    wrapper's `model.` prefix (each removed when every key has it; their own `eval.py` strips
+    `model.` the same way)."""
+    state_dict = collections.OrderedDict(state_dict)
+    for prefix in WRAPPER_PREFIXES:
+        if state_dict and all(key.startswith(prefix) for key in state_dict):
+            state_dict = collections.OrderedDict(
+                (key[len(prefix):], value) for key, value in state_dict.items())
+    return state_dict
 
 
 def branch_names(state_dict):
@@ -217,13 +222,13 @@ def load_official_weights(classifier, state_dict):
         classifier: a `ResNet` or `WideResNet` with `bn_mode="dual"` and `conv_padding="torch"`,
             of the checkpoint's depth and width (see `infer_architecture`).
         state_dict: `{key: numpy array}` as `arat_tf.interop.torch_checkpoint.read_state_dict`
-            returns it (a `module.` prefix is accepted).
+            returns it (`module.` and `model.` prefixes are accepted).
 
     Raises:
         CheckpointLayoutError: unknown or missing keys, a wrong shape, or a non-split model;
             the message names the key. Nothing is assigned unless everything fits.
     """
-    state_dict = strip_data_parallel_prefix(state_dict)
+    state_dict = strip_wrapper_prefixes(state_dict)
     entries = model_entries(classifier, branch_names(state_dict))
     _assign(entries, state_dict, "model checkpoint")
 
@@ -235,7 +240,7 @@ def load_official_predictors(predictors, classifier, state_dict):
     Raises:
         CheckpointLayoutError: as `load_official_weights`.
     """
-    state_dict = strip_data_parallel_prefix(state_dict)
+    state_dict = strip_wrapper_prefixes(state_dict)
     entries = predictor_entries(predictors, official_tap_names(classifier))
     _assign(entries, state_dict, "predictor checkpoint")
 
@@ -270,7 +275,7 @@ def infer_architecture(state_dict):
     Raises:
         CheckpointLayoutError: neither the split-BN CIFAR ResNet nor the WideResNet layout.
     """
-    state_dict = strip_data_parallel_prefix(state_dict)
+    state_dict = strip_wrapper_prefixes(state_dict)
     branch_names(state_dict)
     try:
         if "linear.weight" in state_dict and "layer1.0.conv1.weight" in state_dict:
