@@ -12,4 +12,4 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from arat_tf import layers, models, optimizers, schedules  # noqa: F401  (Keras registration)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -31,7 +31,7 @@ def _field(default, help, choices=None):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """A training run. Defaults are the ARAT paper's CIFAR-10 ResNet-18 recipe (spec section 1)."""
+    """A training run. Defaults: the ARAT paper's CIFAR-10 ResNet-18 recipe (docs/method.md, 1)."""
 
     # Data.
     dataset: str = _field("cifar10", "TFDS dataset.", SUPPORTED_DATASETS)

@@ -1,7 +1,7 @@
 """`python -m arat_tf.train --flagfile configs/smoke.flags --data_dir ../shared/datasets/tfds`
 
 Trains one model with one adversarial-training method and writes a run directory (see
-`arat_tf.training`). Every hyperparameter of the spec is a flag with the spec's default; see
+`arat_tf.training`). Every hyperparameter of docs/method.md is a flag with its default there; see
 `--helpfull` or `configs/*.flags`.
 """
 

@@ -21,7 +21,8 @@ from pipeline.artifacts import MODEL, MODEL_BLESSING, MODEL_EVALUATION, PUSHED_M
 REPORT_DIR = "report"
 REPORT_FILE = "index.html"
 
-# ARAT paper, Table 3 (spec section 5): (model, method, C10 clean, C10 AA, C100 clean, C100 AA).
+# ARAT paper, Table 3 (docs/method.md section 5):
+# (model, method, C10 clean, C10 AA, C100 clean, C100 AA).
 PAPER_TABLE_3 = (
     ("ResNet-18", "PGD-AT", 83.77, 42.42, 55.82, 19.50),
     ("ResNet-18", "TRADES", 81.25, 48.54, 54.74, 23.60),

@@ -1,6 +1,6 @@
 """The Dual-BN study: accuracy with every combination of normalisation statistics and affine
 parameters taken from the clean or the adversarial branch (the Dual-BN paper's test-time analysis,
-spec section 2: do the statistics (NS) or the affine parameters (AP) carry robustness?).
+docs/method.md section 2: do the statistics (NS) or the affine parameters (AP) carry robustness?).
 
 | statistics \\ affine | clean | adv |
 |---|---|---|

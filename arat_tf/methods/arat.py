@@ -43,7 +43,7 @@ def invariance_distance(prediction, target, distance):
 
 
 class AratTrainer(AdversarialTrainer):
-    """ARAT's objective, per batch (spec section 1):
+    """ARAT's objective, per batch (docs/method.md section 1):
 
         L = w_adv * CE(f_adv(x'), y) + w_clean * CE(f_clean(x), y)
             + gamma * mean_l [ 1 - mean_batch cos(h_l(z_l(x'; adv)), stop_gradient(z_l(x; clean))) ]
