@@ -5,6 +5,7 @@ normalises with the biased batch variance over (N, H, W); the moving variance tr
 momentum 0.9 in Keras' convention is PyTorch's 0.1.
 """
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from arat_tf.layers import (
     SplitBatchNormalization,
     make_normalization,
 )
+from arat_tf.layers.batch_statistics import training_attack
 
 EPS = 1e-5
 MOMENTUM = 0.9
@@ -800,8 +802,9 @@ def _np_batch_norm_gradients(x, gamma, upstream):
     return dx, dgamma, dbeta
 
 
+@pytest.mark.parametrize("in_attack", [False, True], ids=["update", "training_attack"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
-def test_training_bn_is_accurate_on_an_offset_batch(compiled):
+def test_training_bn_is_accurate_on_an_offset_batch(compiled, in_attack):
     """Batch statistics and gradients in float32 stay close to float64 on a CIFAR-sized batch
     (32 x 32 x 32 pixels per channel) whose mean is 3 standard deviations from zero, as after a
     convolution.
@@ -810,7 +813,9 @@ def test_training_bn_is_accurate_on_an_offset_batch(compiled):
     wrong by ~3e-6 relative here, the outputs by 2.4e-5 and the input gradient by 2.2e-6 (all
     above the bounds below; two-level sums: 2e-7, 1.6e-6 and 1.6e-7). ARAT's attack
     differentiates through twenty such BNs at every PGD step, so this is what decides whether
-    its trajectory follows the authors' float64 one (tests/test_reference_fidelity.py)."""
+    its trajectory follows the authors' float64 one (tests/test_reference_fidelity.py). Inside a
+    training attack a CPU-only host differentiates with TensorFlow's fused gradient kernel, given
+    the same accurate statistics: the same bounds hold."""
     layer = _built(SplitBatchNormalization(), shape=(32, 32, 32, 4))
     gamma, beta = layer.affine_parameters("adv")
     gamma.assign([0.5, 1.0, 1.5, 2.0])
@@ -825,7 +830,8 @@ def test_training_bn_is_accurate_on_an_offset_batch(compiled):
         return (outputs, *tape.gradient(loss, [images, gamma, beta]))
 
     run = tf.function(forward_and_gradients) if compiled else forward_and_gradients
-    outputs, dx, dgamma, dbeta = run(tf.constant(x))
+    with training_attack() if in_attack else contextlib.nullcontext():
+        outputs, dx, dgamma, dbeta = run(tf.constant(x))
     mean, var, var_unbiased = _np_moments(x)
     np.testing.assert_allclose(outputs, _np_normalize(x, mean, var, gamma.numpy(), 0.0),
                                rtol=0, atol=1e-5)

@@ -3,7 +3,7 @@
 import tensorflow as tf
 
 from arat_tf.analysis.model_state import preserved_state
-from arat_tf.layers.batch_statistics import replica_local_statistics
+from arat_tf.layers.batch_statistics import training_attack
 
 
 class TrainingAdversary:
@@ -29,7 +29,7 @@ class TrainingAdversary:
         self._craft = tf.function(self._craft_batch, reduce_retracing=True)
 
     def _craft_batch(self, images, labels):
-        with replica_local_statistics():
+        with training_attack():
             return tf.stop_gradient(self.trainer.generate_adversarial(images, labels))
 
     def __call__(self, images, labels):

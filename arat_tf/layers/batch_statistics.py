@@ -18,25 +18,35 @@ MIXED = "mixed"
 CALL_BRANCHES = BRANCHES + (MIXED,)
 
 
-_REPLICA_LOCAL = threading.local()
+_TRAINING_ATTACK = threading.local()
 
 
 @contextlib.contextmanager
-def replica_local_statistics():
-    """Within this context (at trace time), synchronised BN layers use per-replica batch statistics.
+def training_attack():
+    """Marks (at trace time) the BN calls of a training attack, whose only output is the sign of
+    an input gradient. Inside:
 
-    A training-mode attack (the ARAT authors' protocol) runs BN inside the PGD `tf.while_loop`, and
-    `tf.distribute.MirroredStrategy` cannot all-reduce inside control flow (on CPU, and on GPU without
-    XLA, every cross-replica reduction is a `merge_call`). The attack therefore normalises with each
-    replica's own batch statistics, which is also what the authors' PyTorch `DataParallel` does;
-    the training forward pass outside the loop stays synchronised.
+    * synchronised BN layers use per-replica batch statistics. A training-mode attack (the ARAT
+      authors' protocol) runs BN inside the PGD `tf.while_loop`, and
+      `tf.distribute.MirroredStrategy` cannot all-reduce inside control flow (on CPU, and on GPU
+      without XLA, every cross-replica reduction is a `merge_call`). The attack therefore
+      normalises with each replica's own batch statistics, which is also what the authors'
+      PyTorch `DataParallel` does; the training forward pass outside the loop stays synchronised.
+    * on a CPU-only host, training-mode BN is differentiated by TensorFlow's fused gradient kernel
+      (given the accurate statistics), which is faster than the closed form but sums in a single
+      float32 level: good enough for the direction of a sign step, not for the weight update
+      (see `_normalize_with_own_statistics`).
     """
-    previous = getattr(_REPLICA_LOCAL, "active", False)
-    _REPLICA_LOCAL.active = True
+    previous = getattr(_TRAINING_ATTACK, "active", False)
+    _TRAINING_ATTACK.active = True
     try:
         yield
     finally:
-        _REPLICA_LOCAL.active = previous
+        _TRAINING_ATTACK.active = previous
+
+
+def _in_training_attack():
+    return getattr(_TRAINING_ATTACK, "active", False)
 
 
 def add_moving_statistic(layer, name, shape, initializer):
@@ -90,7 +100,7 @@ def _reduces_across_replicas(synchronized):
     context = tf.distribute.get_replica_context()
     return (
         synchronized
-        and not getattr(_REPLICA_LOCAL, "active", False)
+        and not _in_training_attack()
         and context is not None
         and context.num_replicas_in_sync > 1
     )
@@ -125,7 +135,7 @@ def batch_moments(inputs, synchronized=False):
     Two passes (the mean, then the mean squared deviation from it), each summed with
     `channel_sum`. With `synchronized=True` inside a `tf.distribute` replica context with more
     than one replica, the sums are all-reduced so every replica normalises with the statistics of
-    the global batch (except inside `replica_local_statistics()`); the variance is then
+    the global batch (except inside `training_attack()`); the variance is then
     E[x^2] - E[x]^2 of the global batch (one all-reduce instead of two).
 
     Args:
@@ -160,15 +170,17 @@ def _cpu_only():
     return not tf.config.list_physical_devices("GPU")
 
 
-def _fused_kernels_apply(inputs):
-    """Whether the accurate statistics can be handed to TensorFlow's fused NHWC kernels.
+def _fused_gradient_applies(inputs):
+    """Whether this BN call may be differentiated by TensorFlow's fused NHWC gradient kernel.
 
+    Only inside a training attack (`training_attack()`), and only in a process without a GPU:
     `FusedBatchNormGradV3` in training mode takes the batch mean and the saved variance of the
-    forward pass: the variance itself on CPU (TensorFlow's and oneDNN's kernels, and XLA on CPU),
-    but the inverse standard deviation cuDNN saves on GPU. The fast path is therefore taken only
-    in a process without a GPU, where its meaning is certain; elsewhere the closed form is used.
+    forward pass, the variance itself on CPU (TensorFlow's and oneDNN's kernels, and XLA on CPU)
+    but the inverse standard deviation that cuDNN saves on GPU, so its meaning is certain only
+    there. It sums in a single float32 level: measured on a batch of 128 its weight gradients are
+    4x further from float64 than PyTorch's, which is why the weight update never uses it.
     """
-    return inputs.shape.rank == 4 and _cpu_only()
+    return inputs.shape.rank == 4 and _in_training_attack() and _cpu_only()
 
 
 def _normalize_with_own_statistics(inputs, gamma, beta, epsilon):
@@ -176,19 +188,19 @@ def _normalize_with_own_statistics(inputs, gamma, beta, epsilon):
     backward pass.
 
     Returns `(outputs, mean, biased_variance)`. The batch mean and variance are `channel_sum`s.
-    On a CPU-only host a 4-D batch is then normalised by TensorFlow's fused kernel in inference
-    mode with those statistics, and differentiated by its training-mode gradient kernel given
-    the same statistics (one op each way, as fast as the fused training kernel, whose own
-    statistics are the inaccurate part). Otherwise the backward pass is the closed form of
-    batch-norm's gradient, `dx = gamma / sigma * (dy - mean(dy) - xhat * mean(dy * xhat))`, with
-    both means taken by `channel_sum` (autodiff of the forward would sum again over the
-    broadcast axes in a single level). The statistics outputs carry no gradient (they only feed
-    the moving averages).
+    The backward pass is the closed form of batch-norm's gradient,
+    `dx = gamma / sigma * (dy - mean(dy) - xhat * mean(dy * xhat))`, with both means taken by
+    `channel_sum` (autodiff of the forward would sum again over the broadcast axes in a single
+    level). Inside a training attack on a CPU-only host (`_fused_gradient_applies`), a 4-D batch
+    is instead normalised by TensorFlow's fused kernel in inference mode with those statistics
+    and differentiated by its training-mode gradient kernel given the same statistics: one op
+    each way, as fast as the fused training kernel (whose own statistics were the inaccurate
+    part). The statistics outputs carry no gradient (they only feed the moving averages).
     """
     gamma = tf.convert_to_tensor(gamma)
     beta = tf.convert_to_tensor(beta)
     count = element_count(inputs)
-    fused = _fused_kernels_apply(inputs)
+    fused = _fused_gradient_applies(inputs)
 
     @tf.custom_gradient
     def normalize_batch(x, scale, offset):

@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 
 from arat_tf.attacks import AttackConfig, make_forward
-from arat_tf.layers.batch_statistics import replica_local_statistics
+from arat_tf.layers.batch_statistics import training_attack
 
 
 def mean_cross_entropy(logits, labels):
@@ -68,7 +68,7 @@ class AdversarialTrainer(keras.Model):
             or "train" (batch statistics; the adversarial branch's moving statistics are updated by
             every attack step: the ARAT authors' protocol). The clean branch is never touched.
             Under `tf.distribute`, a training-mode attack uses per-replica batch statistics even
-            with synchronised BN (see `replica_local_statistics`).
+            with synchronised BN (see `training_attack`).
         eval_attack: `AttackConfig` of the validation attack (run in inference mode).
         eval_branch: BN branch of every validation number and of `call()`.
         **kwargs: base `keras.Model` arguments.
@@ -145,14 +145,17 @@ class AdversarialTrainer(keras.Model):
 
     def train_step(self, data):
         images, labels = data
-        with replica_local_statistics():
+        with training_attack():
             adversarial_images = tf.stop_gradient(self.generate_adversarial(images, labels))
         with tf.GradientTape() as tape:
             total_loss, terms, clean_logits, adv_logits = self.compute_losses(
                 images, adversarial_images, labels
             )
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            scaled_loss = total_loss / tf.cast(replicas, total_loss.dtype)
+            # Divided by the replicas (the optimizer sums their gradients) and, under float16,
+            # multiplied by the dynamic loss scale, which `apply` divides out again (and skips
+            # the step on a non-finite gradient).
+            scaled_loss = self.optimizer.scale_loss(total_loss / tf.cast(replicas, total_loss.dtype))
         variables = self.trainable_variables
         gradients = tape.gradient(scaled_loss, variables)
         self.optimizer.apply(gradients, variables)
