@@ -132,7 +132,7 @@ class EpochMetricsWriter(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         record = {"epoch": epoch + 1}
         record.update({key: float(value) for key, value in (logs or {}).items()})
-        optimizer = self.model.optimizer
+        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
         record["learning_rate"] = float(
             optimizer.learning_rate if not callable(optimizer._learning_rate)
             else optimizer._learning_rate(optimizer.iterations - 1)

@@ -17,6 +17,7 @@ from arat_tf.layers import BN_MODES
 from arat_tf.methods import METHOD_DEFAULTS, METHODS
 from arat_tf.models import MODELS
 from arat_tf.models.branched_classifier import CONV_PADDINGS
+from arat_tf.precision import MIXED_PRECISION_POLICIES
 from arat_tf.schedules import LEARNING_RATE_SCHEDULES
 
 AUTO = "auto"
@@ -111,7 +112,12 @@ class TrainConfig:
     resume: bool = _field(False, "Resume from the last checkpoint in --run_dir.")
     seed: int = _field(0, "Random seed.")
     verbose: int = _field(1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.", None)
-    jit_compile: bool = _field(False, "Compile the train step with XLA.")
+    jit_compile: bool = _field(False, "Compile the whole train step (attack included) with XLA.")
+    mixed_precision: str = _field("off", "Compute the classifier's convolutions and dense layers in "
+                                         "16 bits (Keras dtype policy): off, mixed_float16 (with "
+                                         "loss scaling) or mixed_bfloat16. BN, predictor heads, "
+                                         "losses, attacks and variables stay float32.",
+                                  MIXED_PRECISION_POLICIES)
     analyze_every_steps: int = _field(0, "Every N training steps, write the gradient-conflict and "
                                          "mixture analyses of one fixed batch of training images "
                                          "to run_dir/analysis/step_<k>.json (0: off).")

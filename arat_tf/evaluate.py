@@ -39,6 +39,10 @@ flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"]
 flags.DEFINE_integer("cpu_replicas", 0, "With --strategy=mirrored: N >= 1 replicas on N logical "
                      "CPU devices (for testing); 0: all local GPUs.")
 flags.DEFINE_integer("seed", 0, "Random seed of the attacks.")
+flags.DEFINE_enum("mixed_precision", "off", ["off", "mixed_float16", "mixed_bfloat16"],
+                  "Run the model's convolutions and dense layers in 16 bits (attacks, BN and the "
+                  "robust-accuracy bookkeeping stay float32; float16 attacks scale their "
+                  "gradients, see arat_tf.precision).")
 flags.DEFINE_string("output", None, "JSON report path (default: evaluation.json beside the model).")
 FLAGS = flags.FLAGS
 
@@ -83,7 +87,11 @@ def main(argv):
         attacks = resolve_attacks(FLAGS.attacks, spec.num_classes, FLAGS.norm)
     except ValueError as error:
         raise usage_error(str(error)) from None
-    with strategy.scope():  # mirrored variables: every replica reads its local copy
+    from arat_tf import precision
+    from arat_tf.attacks import make_forward
+
+    # Mirrored variables (every replica reads its local copy); layers under the chosen policy.
+    with strategy.scope(), precision.dtype_policy(FLAGS.mixed_precision):
         classifier = load_classifier(model_path)
     if tuple(classifier.image_shape) != tuple(spec.image_shape):
         raise SystemExit(f"error: {model_path} expects images of shape {classifier.image_shape}, "
@@ -102,11 +110,12 @@ def main(argv):
     common = {
         "model": os.path.abspath(model_path), "dataset": dataset, "split": FLAGS.split,
         "norm": FLAGS.norm, "eps": eps, "suite": "+".join(FLAGS.attacks), "seed": FLAGS.seed,
+        "mixed_precision": FLAGS.mixed_precision,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
     def evaluate_variant(branch, label):
-        forward = tf.function(lambda images: classifier(images, training=False, branch=branch))
+        forward = tf.function(make_forward(classifier, branch=branch, bn_mode="inference"))
         report = evaluate_robustness(forward, data, attacks, eps=eps, norm=FLAGS.norm,
                                      seed=FLAGS.seed, strategy=strategy)
         report.update(common, branch=branch, variant=label)

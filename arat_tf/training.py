@@ -29,6 +29,7 @@ import tensorflow as tf
 from absl import logging
 
 from arat_tf import callbacks as run_callbacks
+from arat_tf import precision
 from arat_tf.analysis.callback import AnalysisCallback
 from arat_tf.attacks import AttackConfig
 from arat_tf.distribution import DistributionError, is_chief, make_strategy
@@ -48,12 +49,14 @@ class RunDirectoryError(RuntimeError):
 
 
 def build_classifier(config, spec):
-    """The `BranchedClassifier` a resolved config describes."""
-    return build_model(
-        config.model, num_classes=spec.num_classes, image_shape=spec.image_shape,
-        bn_mode=config.bn_mode, synchronized_bn=config.synchronized_bn,
-        depth=config.depth or None, width=config.width, conv_padding=config.conv_padding,
-    )
+    """The `BranchedClassifier` a resolved config describes, its layers under the config's
+    `--mixed_precision` policy (see `arat_tf.precision`)."""
+    with precision.dtype_policy(config.mixed_precision):
+        return build_model(
+            config.model, num_classes=spec.num_classes, image_shape=spec.image_shape,
+            bn_mode=config.bn_mode, synchronized_bn=config.synchronized_bn,
+            depth=config.depth or None, width=config.width, conv_padding=config.conv_padding,
+        )
 
 
 def build_trainer(config, classifier):
@@ -132,14 +135,15 @@ def build_datasets(config, spec, replicas=1):
 
 
 def compile_trainer(trainer, config, steps_per_epoch):
-    """Compiles with the PyTorch-style SGD and the config's schedule, and builds the optimizer."""
+    """Compiles with the PyTorch-style SGD and the config's schedule (under mixed_float16 inside
+    Keras' dynamic `LossScaleOptimizer`), and builds the optimizer."""
     schedule = make_learning_rate_schedule(
         config.lr_schedule, base_learning_rate=config.learning_rate, epochs=config.epochs,
         steps_per_epoch=steps_per_epoch,
     )
-    optimizer = CoupledWeightDecaySGD(
+    optimizer = precision.wrap_optimizer(CoupledWeightDecaySGD(
         learning_rate=schedule, momentum=config.momentum, coupled_weight_decay=config.weight_decay
-    )
+    ), config.mixed_precision)
     trainer.compile(optimizer=optimizer, jit_compile=config.jit_compile)
     optimizer.build(trainer.trainable_variables)
 

@@ -109,7 +109,8 @@ def build_components(config, options, strategy=None):
         branch=config.eval_branch, seed=options.eval_seed, batch_size=options.eval_batch_size,
         min_clean_accuracy=options.min_clean_accuracy,
         min_robust_accuracy=options.min_robust_accuracy, tolerance=options.baseline_tolerance,
-        serving_dir=options.serving_path, strategy=strategy)
+        serving_dir=options.serving_path, strategy=strategy,
+        mixed_precision=config.mixed_precision)
     pusher = Pusher(
         model=trainer.output("model"), blessing=evaluator.output("blessing"),
         evaluation=evaluator.output("evaluation"), branch=config.eval_branch,

@@ -67,10 +67,10 @@ def official_step_entries(trainer):
     return entries
 
 
-def run_step(settings, replay=None):
+def run_step(settings, replay=None, jit_compile=False):
     """One ARAT step on the reference batch as the authors ran it (expected.json settings).
 
-    Returns a dict: `before` / `after` (official key -> numpy, torch layout), `x_adv` (NHWC),
+    `jit_compile` compiles the train step with XLA. Returns a dict: `before` / `after` (official key -> numpy, torch layout), `x_adv` (NHWC),
     `terms`, `logits_adv`, `logits_clean`, `taps_adv`, `taps_clean`, `pred_out` (official tap
     names), `grads` (official key -> numpy) at the state before the step, and the trainer.
     """
@@ -86,7 +86,8 @@ def run_step(settings, replay=None):
     )
     load_official_predictors(trainer.predictors, classifier, predictor_state)
     trainer.compile(optimizer=CoupledWeightDecaySGD(
-        step["learning_rate"], momentum=step["momentum"], coupled_weight_decay=step["weight_decay"]))
+        step["learning_rate"], momentum=step["momentum"], coupled_weight_decay=step["weight_decay"]),
+        jit_compile=jit_compile)
     entries = official_step_entries(trainer)
     x = batch["x_uint8_nhwc"].astype("float32") / 255.0
     y = batch["y"].astype("int32")

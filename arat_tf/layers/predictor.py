@@ -14,7 +14,8 @@ class Predictor(keras.layers.Layer):
     predictor `h` gives the adversarial side a trainable map towards the clean representation, so
     the invariance gradient need not pull the shared weights against the classification gradient
     (the paper's "gradient conflict"). It is a training-only head: never used at inference and not
-    exported. It only ever sees adversarial representations.
+    exported. It only ever sees adversarial representations, and it computes in float32 under
+    any dtype policy.
 
     It is the authors' head exactly (their `AlignLoss` predictor): the hidden width is
     `int(d * hidden_ratio)`, both Dense layers start from PyTorch's default initialisation, and
@@ -36,6 +37,7 @@ class Predictor(keras.layers.Layer):
     """
 
     def __init__(self, hidden_ratio=0.25, synchronized=False, **kwargs):
+        kwargs["dtype"] = "float32"  # the invariance loss is float32 under any policy
         super().__init__(**kwargs)
         if not 0.0 < hidden_ratio:
             raise ValueError(f"hidden_ratio must be > 0, received hidden_ratio={hidden_ratio}.")
@@ -45,12 +47,13 @@ class Predictor(keras.layers.Layer):
     def build(self, input_shape):
         width = input_shape[-1]
         hidden = max(1, int(width * self.hidden_ratio))
-        self.hidden_dense = torch_default_dense(hidden, width, "hidden_dense", use_bias=False)
+        self.hidden_dense = torch_default_dense(hidden, width, "hidden_dense", use_bias=False,
+                                                dtype="float32")
         self.hidden_norm = SplitBatchNormalization(
             split_statistics=False, split_affine=False, synchronized=self.synchronized,
-            name="hidden_norm",
+            name="hidden_norm", dtype="float32",
         )
-        self.output_dense = torch_default_dense(width, hidden, "output_dense")
+        self.output_dense = torch_default_dense(width, hidden, "output_dense", dtype="float32")
         self.hidden_dense.build(input_shape)
         self.hidden_norm.build((*input_shape[:-1], hidden))
         self.output_dense.build((*input_shape[:-1], hidden))

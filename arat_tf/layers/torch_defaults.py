@@ -24,9 +24,9 @@ def torch_default_bias_init(fan_in):
     return keras.initializers.RandomUniform(-bound, bound)
 
 
-def torch_default_dense(units, fan_in, name, use_bias=True):
+def torch_default_dense(units, fan_in, name, use_bias=True, dtype=None):
     """A Dense layer initialised as PyTorch's `nn.Linear(fan_in, units, bias=use_bias)`."""
     return keras.layers.Dense(
         units, use_bias=use_bias, kernel_initializer=torch_default_kernel_init(),
-        bias_initializer=torch_default_bias_init(fan_in), name=name,
+        bias_initializer=torch_default_bias_init(fan_in), name=name, dtype=dtype,
     )

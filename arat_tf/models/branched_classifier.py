@@ -30,8 +30,8 @@ def make_conv(filters, kernel_size, strides, name, conv_padding, kernel_initiali
 
 
 def pooled_tap(activation):
-    """ARAT's feature tap: global-average-pool(ReLU(activation)) -> `[batch, channels]`."""
-    return tf.reduce_mean(tf.nn.relu(activation), axis=[1, 2])
+    """ARAT's feature tap: global-average-pool(ReLU(activation)) -> float32 `[batch, channels]`."""
+    return tf.reduce_mean(tf.nn.relu(tf.cast(activation, "float32")), axis=[1, 2])
 
 
 class BranchedClassifier(keras.Model):
@@ -56,11 +56,15 @@ class BranchedClassifier(keras.Model):
             (TensorFlow's "same", which pads a stride-2 3x3 convolution of an even input 0/1
             instead of 1/1). A saved model whose config has no `conv_padding` was written by
             arat_tf 0.1 with "tf_same" and loads with it (`from_config`).
-        **kwargs: base `keras.Model` arguments (`name`, ...).
+        **kwargs: base `keras.Model` arguments (`name`, ...); `dtype` is always float32 (the
+            layers follow the dtype policy in force when the model is built).
     """
 
     def __init__(self, num_classes, image_shape, bn_mode="dual", synchronized_bn=False,
                  conv_padding="torch", **kwargs):
+        # The model itself (its float32 image input) stays float32 under a mixed policy; its
+        # layers take the policy they are created under (arat_tf.precision.dtype_policy).
+        kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         if int(num_classes) < 2:
             raise ValueError(f"num_classes must be >= 2, received num_classes={num_classes}.")
@@ -116,7 +120,10 @@ class BranchedClassifier(keras.Model):
     def call(self, inputs, training=None, branch="adv", return_taps=False):
         self._check_images(inputs)
         logits, taps = self.forward(tf.cast(inputs, "float32"), bool(training), branch)
-        return (logits, taps) if return_taps else logits
+        logits = tf.cast(logits, "float32")  # under a mixed policy: float32 out (arat_tf.precision)
+        if not return_taps:
+            return logits
+        return logits, {name: tf.cast(tap, "float32") for name, tap in taps.items()}
 
     def build(self, input_shape):
         """Creates every variable (both BN branches) by running one inference call on zeros."""

@@ -55,6 +55,7 @@ class Evaluator(Component):
         attacks: attack and suite names (`arat_tf.evaluation.resolve_attacks`).
         eps, norm, branch: threat model and BN branch (the training ones).
         seed, batch_size: of the attacks.
+        mixed_precision: the dtype policy the model runs under (`arat_tf.precision`).
         min_clean_accuracy, min_robust_accuracy, tolerance: the blessing thresholds.
         serving_dir: where the Pusher pushes; its latest push is the baseline (runtime, resolved
             from the metadata store).
@@ -68,10 +69,11 @@ class Evaluator(Component):
 
     def __init__(self, *, examples, model, attacks, eps, norm, branch, seed, batch_size,
                  min_clean_accuracy, min_robust_accuracy, tolerance, serving_dir, strategy=None,
-                 name=None):
+                 mixed_precision="off", name=None):
         super().__init__(
             {"attacks": list(attacks), "eps": eps, "norm": norm, "branch": branch, "seed": seed,
-             "batch_size": batch_size, "min_clean_accuracy": min_clean_accuracy,
+             "batch_size": batch_size, "mixed_precision": mixed_precision,
+             "min_clean_accuracy": min_clean_accuracy,
              "min_robust_accuracy": min_robust_accuracy, "tolerance": tolerance},
             runtime={"serving_dir": os.path.abspath(serving_dir)},
             inputs={"examples": examples, "model": model}, name=name)
@@ -87,11 +89,14 @@ class Evaluator(Component):
 
     def _settings(self):
         return {key: self.parameters[key]
-                for key in ("attacks", "eps", "norm", "branch", "seed", "batch_size")}
+                for key in ("attacks", "eps", "norm", "branch", "seed", "batch_size",
+                            "mixed_precision")}
 
     def _evaluate(self, model_path, examples):
         import tensorflow as tf
 
+        from arat_tf import precision
+        from arat_tf.attacks import make_forward
         from arat_tf.data import dataset_spec, make_eval_dataset
         from arat_tf.evaluation import evaluate_robustness, format_report, resolve_attacks
         from arat_tf.run_files import load_classifier
@@ -101,12 +106,11 @@ class Evaluator(Component):
         attacks = resolve_attacks(self.parameters["attacks"], spec.num_classes,
                                   self.parameters["norm"])
         strategy = self.strategy or tf.distribute.get_strategy()
-        with strategy.scope():
+        with strategy.scope(), precision.dtype_policy(self.parameters["mixed_precision"]):
             classifier = load_classifier(model_path)
         data = make_eval_dataset(dataset, batch_size=self.parameters["batch_size"],
                                  split=tfrecord_split(examples, "test"))
-        branch = self.parameters["branch"]
-        forward = tf.function(lambda images: classifier(images, training=False, branch=branch))
+        forward = tf.function(make_forward(classifier, branch=self.parameters["branch"]))
         report = evaluate_robustness(forward, data, attacks, eps=self.parameters["eps"],
                                      norm=self.parameters["norm"], seed=self.parameters["seed"],
                                      progress=False, strategy=strategy)
