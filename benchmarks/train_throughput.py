@@ -140,13 +140,18 @@ class Entry:
         self.transient_bytes = 0
 
 
-def make_method_entry(args, method, images, labels, name=None, **overrides):
-    config = train_config(args, method, **overrides)
+def build_fit_trainer(config):
+    """The compiled trainer (optimizer built) that `fit()` would train for a resolved config."""
     spec = dataset_spec(config.dataset)
     classifier = build_classifier(config, spec)
     trainer = build_trainer(config, classifier)
     compile_trainer(trainer, config, steps_per_epoch=max(1, CIFAR10_TRAIN_SIZE // config.batch_size))
-    # What fit() calls: the Keras train function over an iterator of the distributed dataset.
+    return trainer
+
+
+def fit_step_function(trainer, images, labels):
+    """`step()`: one call of what `fit()` calls, the Keras train function over an iterator of the
+    distributed dataset (here one batch, repeated); returns the loss, which synchronises."""
     dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
     iterator = iter(trainer.distribute_strategy.experimental_distribute_dataset(dataset))
     trainer.make_train_function()
@@ -156,6 +161,13 @@ def make_method_entry(args, method, images, labels, name=None, **overrides):
         logs = train_function(iterator)
         return float(logs["loss"])  # Synchronises.
 
+    return step
+
+
+def make_method_entry(args, method, images, labels, name=None, **overrides):
+    config = train_config(args, method, **overrides)
+    trainer = build_fit_trainer(config)
+    step = fit_step_function(trainer, images, labels)
     state = variables_bytes(list(trainer.variables) + list(trainer.optimizer.variables))
     description = (f"{type(trainer).__name__}, bn_mode={config.bn_mode}, "
                    f"attack_bn_mode={config.attack_bn_mode}, attack_start={config.attack_start}")
@@ -230,6 +242,25 @@ def timed_step(entry):
     entry.transient_bytes = max(entry.transient_bytes, peak - before)
 
 
+def run_interleaved(entries, warmup, steps, repeats, timed=timed_step):
+    """The timing protocol: `warmup` untimed steps per entry, then `repeats` rounds in which every
+    entry runs one `timed(entry)` step in turn, `steps` times, the order reversed every other round."""
+    for entry in entries:
+        for index in range(warmup):
+            start = time.perf_counter()
+            entry.step()
+            entry.warmup_seconds.append(time.perf_counter() - start)
+            log(f"warmup {entry.name} step {index + 1}: {entry.warmup_seconds[-1]:.2f}s")
+
+    for round_index in range(repeats):
+        order = entries if round_index % 2 == 0 else entries[::-1]
+        for step_index in range(steps):
+            for entry in order:
+                timed(entry)
+                log(f"round {round_index + 1} step {step_index + 1} {entry.name}: "
+                    f"{entry.seconds[-1]:.3f}s wall, {entry.cpu_seconds[-1]:.3f}s CPU")
+
+
 def memory_info_works():
     try:
         tf.config.experimental.reset_memory_stats("CPU:0")
@@ -277,20 +308,7 @@ def main(argv=None):
     if args.pgd_core:
         entries.append(make_pgd_core_entry(args, images, labels))
 
-    for entry in entries:
-        for index in range(args.warmup):
-            start = time.perf_counter()
-            entry.step()
-            entry.warmup_seconds.append(time.perf_counter() - start)
-            log(f"warmup {entry.name} step {index + 1}: {entry.warmup_seconds[-1]:.2f}s")
-
-    for round_index in range(args.repeats):
-        order = entries if round_index % 2 == 0 else entries[::-1]
-        for step_index in range(args.steps):
-            for entry in order:
-                timed_step(entry)
-                log(f"round {round_index + 1} step {step_index + 1} {entry.name}: "
-                    f"{entry.seconds[-1]:.3f}s wall, {entry.cpu_seconds[-1]:.3f}s CPU")
+    run_interleaved(entries, args.warmup, args.steps, args.repeats)
     total_seconds = time.perf_counter() - run_start
     load_after = os.getloadavg()
 
