@@ -55,7 +55,8 @@ def _fail(message):
     raise SystemExit(1)
 
 
-def _options(config):
+def pipeline_options(config):
+    """The `PipelineOptions` of the parsed flags (for `pipeline.run` and `pipeline.compile`)."""
     from arat_tf.tune import search_space_from_flags
     from pipeline.definition import PipelineOptions
 
@@ -94,7 +95,7 @@ def main(argv):
     try:
         config = config_from_flags(FLAGS)
         check_tuning_splits(config)
-        options = _options(config)
+        options = pipeline_options(config)
     except TestSplitError as error:
         raise usage_error(f"The test split is the Evaluator's: {error}") from None
     except ValueError as error:

@@ -81,7 +81,8 @@ class Pusher(Component):
             config=read_json_object(model.path("config.json"), "run config"), evaluation=report,
             run_dir=model.uri)
         card["pipeline"] = {"model_artifact_id": model.id, "model_fingerprint": model.fingerprint,
-                            "evaluation_artifact_id": evaluation.id}
+                            "evaluation_artifact_id": evaluation.id,
+                            "evaluation_key": evaluation.properties["evaluation_key"]}
         path = serving.export_saved_model(classifier, self.parameters["serving_dir"],
                                           branch=self.parameters["branch"], model_card=card)
         version = int(os.path.basename(path))
