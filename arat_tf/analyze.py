@@ -52,7 +52,7 @@ def _check_flags(argv):
     unknown = [name for name in FLAGS.analyses if name not in ANALYSES]
     if unknown or not FLAGS.analyses:
         raise usage_error(f"--analyses: unknown {', '.join(unknown) or '(none given)'}; "
-                             f"choose from {', '.join(ANALYSES)}.")
+                          f"choose from {', '.join(ANALYSES)}.")
     if FLAGS.n_examples < 1 or FLAGS.batch_size < 1:
         raise usage_error("--n_examples and --batch_size must be >= 1.")
     if FLAGS.eps is not None and FLAGS.eps < 0:

@@ -27,10 +27,18 @@ def read_json_object(path, what):
     return value
 
 
-def load_classifier(model_path):
-    """The `BranchedClassifier` saved at `model_path` (a `.keras` file of `arat_tf.train`)."""
+class ModelFileError(ValueError):
+    """A model file is missing, unreadable, or not an arat_tf classifier."""
+
+
+def read_classifier(model_path):
+    """The `BranchedClassifier` saved at `model_path` (a `.keras` file of `arat_tf.train`).
+
+    Raises:
+        ModelFileError: the file is missing, corrupt or holds another kind of model.
+    """
     if not os.path.isfile(model_path):
-        raise SystemExit(f"error: model file not found: {model_path}")
+        raise ModelFileError(f"model file not found: {model_path}")
     import keras
 
     import arat_tf  # noqa: F401  (registers the custom objects for keras.models.load_model)
@@ -40,13 +48,21 @@ def load_classifier(model_path):
         model = keras.models.load_model(model_path, compile=False)
     except Exception as error:  # Keras raises many types for corrupt/foreign files.
         message = str(error).strip().splitlines()
-        raise SystemExit(
-            f"error: cannot load the model {model_path}: {type(error).__name__}: "
+        raise ModelFileError(
+            f"cannot load the model {model_path}: {type(error).__name__}: "
             f"{message[0] if message else ''}"
         ) from None
     if not isinstance(model, BranchedClassifier):
-        raise SystemExit(
-            f"error: {model_path} holds a {type(model).__name__}, not an arat_tf classifier "
+        raise ModelFileError(
+            f"{model_path} holds a {type(model).__name__}, not an arat_tf classifier "
             "(a model.keras written by arat_tf.train)."
         )
     return model
+
+
+def load_classifier(model_path):
+    """`read_classifier` for the command-line tools: a bad file ends the command cleanly."""
+    try:
+        return read_classifier(model_path)
+    except ModelFileError as error:
+        raise SystemExit(f"error: {error}") from None

@@ -124,7 +124,7 @@ def main(argv):
         raise usage_error(f"Unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.tune_eps_schedule:
         raise usage_error("--tune_eps_schedule is not implemented: TrainConfig has no eps "
-                             "schedule (only a constant --eps).")
+                          "schedule (only a constant --eps).")
     from arat_tf.tuning.hypermodel import check_tuning_splits
 
     try:

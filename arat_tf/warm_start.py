@@ -101,19 +101,15 @@ def warm_start(classifier, init_from, predictors=None):
         WarmStartError: missing or unreadable source, or another architecture (the message names
             the first differing config entry).
     """
-    import keras
-
-    import arat_tf  # noqa: F401  (registers the custom objects)
+    from arat_tf.run_files import ModelFileError, read_classifier
 
     model_path = source_model_path(init_from)
     if not os.path.isfile(model_path):
         raise WarmStartError(f"--init_from: no model file at {model_path}.")
     try:
-        source = keras.models.load_model(model_path, compile=False)
-    except Exception as error:  # Keras raises many types for corrupt/foreign files.
-        message = str(error).strip().splitlines()
-        raise WarmStartError(f"--init_from: cannot load {model_path}: {type(error).__name__}: "
-                             f"{message[0] if message else ''}") from None
+        source = read_classifier(model_path)
+    except ModelFileError as error:
+        raise WarmStartError(f"--init_from: {error}") from None
     wanted, found = _comparable_config(classifier), _comparable_config(source)
     if type(source) is not type(classifier) or wanted != found:
         key = next((k for k in sorted(set(wanted) | set(found)) if wanted.get(k) != found.get(k)),

@@ -205,9 +205,9 @@ def _normalize_with_own_statistics(inputs, gamma, beta, epsilon):
     @tf.custom_gradient
     def normalize_batch(x, scale, offset):
         mean = channel_sum(x) / count
-        centered = x - mean
-        variance = channel_sum(tf.square(centered)) / count
         if fused:
+            # One op for (x - mean)^2 (the same float32 numbers as a subtraction and a square).
+            variance = channel_sum(tf.math.squared_difference(x, mean)) / count
             outputs = tf.raw_ops.FusedBatchNormV3(
                 x=x, scale=scale, offset=offset, mean=mean, variance=variance, epsilon=epsilon,
                 is_training=False, data_format="NHWC")[0]
@@ -222,6 +222,8 @@ def _normalize_with_own_statistics(inputs, gamma, beta, epsilon):
 
             return (outputs, tf.identity(mean), tf.identity(variance)), gradient
 
+        centered = x - mean
+        variance = channel_sum(tf.square(centered)) / count
         inverse_std = tf.math.rsqrt(variance + epsilon)
         normalized = centered * inverse_std
         outputs = normalized * scale + offset
