@@ -288,3 +288,42 @@ def test_xla_compiles_the_whole_step_once_and_gives_the_same_update():
         more["x"][:16], more["y"][:16]).numpy()
     assert np.abs(crafted - more["x"][:16]).max() <= 8 / 255 + 1e-6
     assert crafted.min() >= 0.0 and crafted.max() <= 1.0
+
+
+def test_train_and_evaluate_commands_under_bfloat16(tmp_path, shared_tfds_dir):
+    """`--mixed_precision` end to end: training writes float32 files and records the policy,
+    and `arat_tf.evaluate --mixed_precision` reports within round-off of its float32 run."""
+    import json
+    import subprocess
+    import sys
+
+    from arat_tf import training
+    from arat_tf.config import TrainConfig
+
+    config = TrainConfig(
+        dataset="mnist", data_dir=shared_tfds_dir, method="arat", model="small_cnn", width=0.25,
+        train_subset=128, val_subset=64, batch_size=64, eval_batch_size=64, attack_steps=2,
+        val_attack_steps=2, auto_balance_examples=64, epochs=1, verbose=0,
+        run_dir=str(tmp_path / "run"), mixed_precision="mixed_bfloat16")
+    classifier, records = training.train(config)
+    assert np.isfinite(records[-1]["loss"])
+    assert classifier.convs[0].compute_dtype == "bfloat16"
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text())["mixed_precision"] == "mixed_bfloat16"
+    reloaded = keras.models.load_model(run / "model.keras")
+    assert {v.dtype for v in reloaded.weights} == {"float32"}
+
+    reports = {}
+    for policy in ("off", "mixed_bfloat16"):
+        output = tmp_path / f"evaluation_{policy}.json"
+        result = subprocess.run(
+            [sys.executable, "-m", "arat_tf.evaluate", f"--run_dir={run}", "--attacks=pgd5",
+             "--n_examples=64", f"--mixed_precision={policy}", f"--output={output}"],
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True, text=True,
+            timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports[policy] = json.loads(output.read_text())
+    assert reports["mixed_bfloat16"]["mixed_precision"] == "mixed_bfloat16"
+    # bfloat16 may flip a prediction that float32 makes by a hair; no more than a few of 64.
+    assert abs(reports["mixed_bfloat16"]["clean_accuracy"] - reports["off"]["clean_accuracy"]) <= 4 / 64
