@@ -3,7 +3,8 @@
 The compiled spec is checked for its DAG, typed artifacts, parameters and the blessing gate, then
 run end to end by KFP's own local executor (`kfp.local`, subprocess runner, no Kubernetes) on
 `configs/pipeline_smoke.flags` (made smaller: one epoch on 256 images). Needs the kfp extra
-(`pip install -e ".[kfp]"`, which `.ci/run` installs); the local runner needs none of it.
+(`pip install -e ".[kfp]"`; `.ci/run` installs it). The kfp.local run is slow (`pytest -m slow`);
+the local runner needs none of kfp.
 """
 
 import json
@@ -21,7 +22,10 @@ IMAGE = "registry.example.com/arat-tf:0.2"
 # pipeline_smoke.flags, smaller (seconds per step on a 2-core CPU), still with the Tuner.
 SMALL = ["--epochs=1", "--train_subset=256", "--val_subset=128", "--test_subset=100",
          "--attack_steps=2", "--val_attack_steps=2", "--max_trials=1", "--eval_attacks=pgd5",
-         "--auto_balance_examples=64"]
+         "--auto_balance_examples=64",
+         # One epoch on 256 images may land on either side of the smoke config's 10% clean bar;
+         # the blessed run must not depend on that, the refused run raises a bar explicitly.
+         "--min_clean_accuracy=0", "--min_robust_accuracy=0"]
 
 
 def _env():
@@ -126,6 +130,7 @@ def _artifact(root, step, name):
     return run / step / name
 
 
+@pytest.mark.slow  # ~5 min on 2 cores; test_pipeline_e2e runs the local runner by default
 def test_kfp_local_runs_the_compiled_pipeline_and_pushes_only_a_blessed_model(tmp_path,
                                                                               shared_tfds_dir):
     pytest.importorskip("kfp")
@@ -154,7 +159,7 @@ def test_kfp_local_runs_the_compiled_pipeline_and_pushes_only_a_blessed_model(tm
             "checkpoints"} <= {p.name for p in model.iterdir()}
     assert json.loads((model / "config.json").read_text())["epochs"] == 1
     blessing_dir = _artifact(root, "evaluator", "blessing")
-    assert (blessing_dir / "BLESSED").is_file()
+    assert (blessing_dir / "BLESSED").is_file(), (blessing_dir / "blessing.json").read_text()
     evaluation = json.loads((_artifact(root, "evaluator", "evaluation") / "evaluation.json")
                             .read_text())
     assert evaluation["n_examples"] == 100
