@@ -415,6 +415,7 @@ def test_cli_writes_analysis_json_and_plots(analysed_run, tmp_path):
         assert (output_dir / f"{name}.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # ~11 s of subprocesses; the CLI's main path is in the default run
 def test_cli_skips_or_refuses_what_does_not_apply(analysed_run, tmp_path):
     hybrid_run = tmp_path / "hybrid"
     shutil.copytree(analysed_run, hybrid_run, ignore=shutil.ignore_patterns("checkpoints", "analysis"))

@@ -151,6 +151,7 @@ def test_cli_rejects_cpu_replicas_without_mirrored(tmp_path):
     assert "cpu_replicas only applies to strategy 'mirrored'" in result.stderr
 
 
+@pytest.mark.slow  # ~15 s; multi-worker training on localhost stays in the default run
 def test_two_workers_on_localhost_sum_their_shards_and_only_the_chief_writes(
         tmp_path, shared_tfds_dir, run_worker_cluster):
     import keras

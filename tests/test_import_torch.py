@@ -187,6 +187,7 @@ def test_cli_refuses_a_pickle_that_would_run_code_and_writes_nothing(tmp_path):
     assert not marker.exists() and not output.exists()
 
 
+@pytest.mark.slow  # ~13 s of subprocesses; test_torch_checkpoint refuses the same files in-process
 def test_cli_names_the_problem_of_a_file_that_is_no_checkpoint(tmp_path):
     not_a_zip = tmp_path / "notes.pt"
     not_a_zip.write_text("hello")

@@ -112,6 +112,7 @@ def test_missing_data_dir_and_test_split_for_validation_are_explained(tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+@pytest.mark.slow  # ~9 s; test_pipeline_runner checks the corrupt store in-process
 def test_corrupt_metadata_db_is_explained(tmp_path):
     if not (TFDS_DIR / "cifar10").is_dir():
         pytest.skip(f"shared TFDS data dir not found at {TFDS_DIR}")
