@@ -168,6 +168,7 @@ WORKER_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # ~19 s; the two-replica tests above and in test_distributed_training stay default
 def test_two_worker_run_on_localhost_gives_identical_weights_and_only_the_chief_writes(
         tmp_path, run_worker_cluster):
     if not (TFDS_DIR / "mnist").is_dir():

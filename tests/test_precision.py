@@ -259,6 +259,7 @@ def test_export_and_reload_under_a_policy_keep_float32_weights_and_input(policy,
         np.testing.assert_array_equal(np.asarray(variable), np.asarray(original))
 
 
+@pytest.mark.slow  # ~35 s of XLA compilation on 2 cores: `pytest -m slow tests/test_precision.py`
 def test_xla_compiles_the_whole_step_once_and_gives_the_same_update():
     """`jit_compile=True`: the train step, attack loop included, is traced once for all batches
     (no retracing per batch), and given the same adversarial batch it makes the update the step
